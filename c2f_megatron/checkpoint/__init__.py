@@ -1,0 +1,1 @@
+"""Checkpoint formats: the c2f megatron checkpoint directory, HF <-> megatron mapping."""

@@ -1,0 +1,71 @@
+"""Build stock megatron ``GPTModel``s for a ``ModelConfig`` at the current parallel layout.
+
+The model is megatron's own class (so its sharded state dict, pipeline hooks and inference paths apply);
+this module only chooses the spec, the padded vocab and the per-stage flags, including one chunk per
+virtual pipeline stage for interleaved schedules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from c2f_megatron.models.config import ModelConfig, to_transformer_config
+from c2f_megatron.models.specs import get_layer_spec
+
+
+def build_gpt_model(model_cfg: ModelConfig, vp_stage: int | None = None, **config_overrides):
+    """One GPTModel chunk for this rank (pre/post-process set from the pipeline position)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    config = to_transformer_config(model_cfg, tp, pp, vpp, **config_overrides)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_layer_spec(model_cfg.layer_spec),
+        vocab_size=model_cfg.padded_vocab_size(tp),
+        max_sequence_length=model_cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(model_cfg.rotary_base),
+        vp_stage=vp_stage,
+    )
+    from c2f_megatron.platform.distributed import device
+
+    return model.to(device())
+
+
+def build_model_chunks(model_cfg: ModelConfig, **config_overrides) -> list:
+    """All chunks this rank holds: one, or one per virtual pipeline stage (interleaved schedule)."""
+    from megatron.core import parallel_state
+
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        return [build_gpt_model(model_cfg, **config_overrides)]
+    return [build_gpt_model(model_cfg, vp_stage=i, **config_overrides) for i in range(vpp)]
+
+
+def mask_padded_vocab(logits: Tensor, true_vocab_size: int, vocab_start: int = 0) -> Tensor:
+    """Set the logits of vocab-padding rows to -inf so sampling and log-probs see only the true vocab.
+
+    ``logits[..., i]`` is global vocab id ``vocab_start + i`` (a TP rank's slice starts at
+    ``tp_rank * vocab/tp``). Padding rows exist only because the vocab is rounded up for TP.
+    """
+    first_pad = max(true_vocab_size - vocab_start, 0)
+    if first_pad >= logits.shape[-1]:
+        return logits
+    logits = logits.clone()
+    logits[..., first_pad:] = float("-inf")
+    return logits
+
+
+def position_ids_for(tokens: Tensor) -> Tensor:
+    """Position ids 0..s-1 for a [b, s] batch (megatron's RoPE uses 0..s-1 itself; kept for the API)."""
+    b, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)

@@ -1,0 +1,142 @@
+"""Layer specs chosen at run time: Transformer Engine, torch-native SDPA, or megatron-core's local spec.
+
+``auto`` prefers TE (fused kernels, required for fp8) when ``transformer_engine`` imports, else the SDPA
+spec (megatron-core's local modules with core attention done by
+``torch.nn.functional.scaled_dot_product_attention``: flash / memory-efficient kernels on GPUs without TE,
+no [b, h, s, s] score buffer on CPU), else the plain local spec. All three build the same parameters with
+the same names except TE, which fuses the norms into ``linear_qkv`` / ``linear_fc1`` (the converters know).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from c2f_megatron.models.config import LayerSpecName
+
+
+def transformer_engine_available() -> bool:
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install (no CUDA, ABI mismatch) must not take the run down
+        return False
+    return True
+
+
+def resolve_layer_spec(name: LayerSpecName) -> str:
+    """The concrete spec for a config value: ``auto`` becomes ``te`` or ``sdpa``."""
+    if name == "auto":
+        return "te" if transformer_engine_available() else "sdpa"
+    if name == "te" and not transformer_engine_available():
+        raise RuntimeError("layer_spec 'te' requested but transformer_engine does not import here")
+    if name not in ("te", "sdpa", "local"):
+        raise ValueError(f"unknown layer_spec {name!r}: use auto, te, sdpa or local")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _sdpa_attention_class():
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    class SDPADotProductAttention(DotProductAttention):
+        """megatron's ``DotProductAttention`` with the score/softmax/context part done by torch SDPA.
+
+        Same inputs and outputs ([s, b, heads, head_dim] in, [s, b, hidden/tp] out), same mask convention
+        (boolean, True = masked). Unlike the local path, a sliding window is *combined* with an explicit
+        (e.g. padding) mask instead of replacing it. Query rows that are masked entirely (left padding)
+        attend to everything instead of producing NaN; their outputs are never read.
+        """
+
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+            super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+            if config.softmax_type != "vanilla":
+                raise ValueError("the SDPA layer spec supports only softmax_type='vanilla'")
+            use_window = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+            self.sdpa_window = config.window_size if use_window else None
+            if config.apply_query_key_layer_scaling:
+                self.softmax_scale *= self.layer_number  # coeff cancels without the scaled softmax
+
+        def _mask(self, attention_mask: Optional[Tensor], sq: int, sk: int, device: torch.device):
+            """Boolean 'may attend' mask broadcastable to [b, h, sq, sk], or None for plain causal."""
+            blocked = None
+            if attention_mask is not None:
+                blocked = attention_mask.to(device=device, dtype=torch.bool)
+            elif self.attn_mask_type == AttnMaskType.causal and (sq > 1 or self.sdpa_window is not None):
+                if self.sdpa_window is None and sq == sk:
+                    return None  # is_causal fast path
+                blocked = _band_blocked(sq, sk, (sk, 0), device)  # bottom-right aligned causal
+            if self.sdpa_window is not None:
+                window = _band_blocked(sq, sk, self.sdpa_window, device)
+                blocked = window if blocked is None else (blocked | window)
+            if blocked is None:
+                return None
+            blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
+            return ~blocked
+
+        def forward(
+            self,
+            query: Tensor,
+            key: Tensor,
+            value: Tensor,
+            attention_mask: Optional[Tensor],
+            attn_mask_type=None,
+            attention_bias: Optional[Tensor] = None,
+            packed_seq_params=None,
+        ) -> Tensor:
+            if packed_seq_params is not None:
+                raise ValueError("packed sequences need the TE spec; use a block-diagonal attention_mask instead")
+            if attention_bias is not None:
+                raise ValueError("attention_bias is not supported by the SDPA spec")
+            sq, b = query.shape[0], query.shape[1]
+            sk = key.shape[0]
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+            allowed = self._mask(attention_mask, sq, sk, q.device)
+            is_causal = allowed is None and self.attn_mask_type == AttnMaskType.causal and sq > 1
+            dropout_p = self.attention_dropout.p if self.training else 0.0
+            gqa = q.shape[1] != k.shape[1]
+            if dropout_p > 0 and not self.config.sequence_parallel:
+                with tensor_parallel.get_cuda_rng_tracker().fork():
+                    out = F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=self.softmax_scale, enable_gqa=gqa,
+                    )
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal,
+                    scale=self.softmax_scale, enable_gqa=gqa,
+                )
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    return SDPADotProductAttention
+
+
+def _band_blocked(sq: int, sk: int, window: tuple[int, int], device: torch.device) -> Tensor:
+    """True where query i (aligned to the end of the keys) may NOT see key j: megatron's window rule."""
+    ones = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    inside = torch.tril(torch.triu(ones, diagonal=sk - sq - window[0]), diagonal=sk - sq + window[1])
+    return ~inside
+
+
+def get_layer_spec(name: LayerSpecName):
+    """The megatron ``ModuleSpec`` of one Mistral transformer layer for a spec name (``auto`` resolved)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    resolved = resolve_layer_spec(name)
+    if resolved == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if resolved == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
+    return spec

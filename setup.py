@@ -1,0 +1,44 @@
+"""c2f-megatron: Mistral-C2F (Coarse-to-Fine actor RLHF + Knowledge Residue Merger) on Megatron-Core."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "c2f_megatron" / "__init__.py").read_text(), version)
+
+setup(
+    name="c2f-megatron",
+    version=version["__version__"],
+    description="Mistral-C2F coarse-to-fine RLHF recipe on Megatron-Core (TP/PP), converters and merge tools",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["c2f_megatron", "c2f_megatron.*"]),
+    install_requires=[
+        # torch: a range, so an installed CPU or CUDA build is kept (pip would otherwise pull CUDA wheels).
+        "torch>=2.5",
+        # The platform layer redirects megatron-private names: the version is pinned on purpose.
+        "megatron-core==0.16.1",
+        # megatron-core needs these at run time without declaring them: without psutil a
+        # dist-checkpoint save hangs forever; its static inference engine imports tqdm.
+        "psutil",
+        "tqdm",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "sentencepiece",
+        "mistral-common",  # ships the Mistral-7B v0.1 sentencepiece model used as default tokenizer
+        "transformers",
+        "datasets",
+        "wandb",
+    ],
+    extras_require={
+        "dev": ["pytest", "ruff"],
+        # Transformer Engine (and NVIDIA apex, built from source: the PyPI package named 'apex' is unrelated).
+        "gpu": ["transformer-engine[pytorch]"],
+        "eval": ["matplotlib", "requests"],
+    },
+    entry_points={"console_scripts": ["c2f=c2f_megatron.cli:main"]},
+)

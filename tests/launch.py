@@ -1,0 +1,67 @@
+"""Run a worker script under ``torchrun`` (gloo on CPU) from a test, with a clear failure message."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        C2F_DEVICE="cpu",
+        PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
+        PYTHONWARNINGS="ignore",
+        WANDB_MODE="disabled",
+    )
+    return env
+
+
+def run_torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 600) -> str:
+    """Run ``torchrun --nproc_per_node=nproc script args``; return stdout, raise with the logs on failure."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = WORKERS / script
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        str(script), *args,
+    ]
+    threads = max(1, 2 // nproc)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(threads))
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun {script.name} (nproc={nproc}) failed with exit code {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc.stdout
+
+
+def run_python(script: str | Path, args: list[str], timeout: int = 600, threads: int = 2) -> str:
+    """Run a worker in a fresh single process (process-global patches stay out of pytest)."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = WORKERS / script
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+        env=worker_env(threads),
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{script.name} failed with exit code {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc.stdout
