@@ -36,9 +36,14 @@ def run_torchrun(script: str | Path, nproc: int, args: list[str], timeout: int =
     if not script.is_absolute():
         script = WORKERS / script
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(script), *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
     ]
     threads = max(1, 2 // nproc)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(threads))
@@ -56,7 +61,10 @@ def run_python(script: str | Path, args: list[str], timeout: int = 600, threads:
     if not script.is_absolute():
         script = WORKERS / script
     proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env=worker_env(threads),
     )
     if proc.returncode != 0:

@@ -199,7 +199,9 @@ def save_model_checkpoint(
     return commit_output(tmp, out_dir, metadata)
 
 
-def load_model_checkpoint(model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> CheckpointMetadata:
+def load_model_checkpoint(
+    model_chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path
+) -> CheckpointMetadata:
     """Load ``CKPT/model`` into this rank's chunks at whatever TP/PP they were built with."""
     metadata = read_metadata(ckpt_dir)
     state = load_dist_state(sharded_model_state(model_chunks), Path(ckpt_dir) / MODEL_SUBDIR)

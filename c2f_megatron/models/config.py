@@ -104,9 +104,14 @@ def to_transformer_config(
             f"pipeline_model_parallel_size {pipeline_model_parallel_size} does not divide num_layers "
             f"{model.num_layers}"
         )
-    for what, n in (("num_attention_heads", model.num_attention_heads), ("num_query_groups", model.num_query_groups)):
+    for what, n in (
+        ("num_attention_heads", model.num_attention_heads),
+        ("num_query_groups", model.num_query_groups),
+    ):
         if n % tensor_model_parallel_size:
-            raise ValueError(f"tensor_model_parallel_size {tensor_model_parallel_size} does not divide {what} {n}")
+            raise ValueError(
+                f"tensor_model_parallel_size {tensor_model_parallel_size} does not divide {what} {n}"
+            )
     cuda = use_cuda()
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers,
@@ -174,16 +179,34 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=4, ffn_hidden_size=5632
     ),
     "mistral-160m": _mistral(
-        num_layers=12, hidden_size=768, num_attention_heads=12, num_query_groups=4, ffn_hidden_size=2048,
-        max_position_embeddings=4096, sliding_window=None, params_dtype="fp32",
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        num_query_groups=4,
+        ffn_hidden_size=2048,
+        max_position_embeddings=4096,
+        sliding_window=None,
+        params_dtype="fp32",
     ),
     "mistral-tiny": ModelConfig(
-        num_layers=4, hidden_size=256, num_attention_heads=8, num_query_groups=2, ffn_hidden_size=768,
-        vocab_size=32000, max_position_embeddings=1024, params_dtype="fp32",
+        num_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        num_query_groups=2,
+        ffn_hidden_size=768,
+        vocab_size=32000,
+        max_position_embeddings=1024,
+        params_dtype="fp32",
     ),
     "mistral-nano": ModelConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=192,
-        vocab_size=32000, max_position_embeddings=512, params_dtype="fp32",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=192,
+        vocab_size=32000,
+        max_position_embeddings=512,
+        params_dtype="fp32",
     ),
 }
 
@@ -196,4 +219,3 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     if unknown:
         raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)} in overrides for preset {name!r}")
     return dataclasses.replace(PRESETS[name], **overrides)
-

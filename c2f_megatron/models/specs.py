@@ -41,7 +41,7 @@ def resolve_layer_spec(name: LayerSpecName) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sdpa_attention_class():
     from megatron.core import tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -61,7 +61,9 @@ def _sdpa_attention_class():
             super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
             if config.softmax_type != "vanilla":
                 raise ValueError("the SDPA layer spec supports only softmax_type='vanilla'")
-            use_window = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+            use_window = is_layer_window_attention(
+                config.window_size, config.window_attn_skip_freq, layer_number
+            )
             self.sdpa_window = config.window_size if use_window else None
             if config.apply_query_key_layer_scaling:
                 self.softmax_scale *= self.layer_number  # coeff cancels without the scaled softmax
@@ -94,7 +96,9 @@ def _sdpa_attention_class():
             packed_seq_params=None,
         ) -> Tensor:
             if packed_seq_params is not None:
-                raise ValueError("packed sequences need the TE spec; use a block-diagonal attention_mask instead")
+                raise ValueError(
+                    "packed sequences need the TE spec; use a block-diagonal attention_mask instead"
+                )
             if attention_bias is not None:
                 raise ValueError("attention_bias is not supported by the SDPA spec")
             sq, b = query.shape[0], query.shape[1]
@@ -107,13 +111,25 @@ def _sdpa_attention_class():
             if dropout_p > 0 and not self.config.sequence_parallel:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     out = F.scaled_dot_product_attention(
-                        q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=self.softmax_scale, enable_gqa=gqa,
+                        q,
+                        k,
+                        v,
+                        attn_mask=allowed,
+                        dropout_p=dropout_p,
+                        is_causal=is_causal,
+                        scale=self.softmax_scale,
+                        enable_gqa=gqa,
                     )
             else:
                 out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal,
-                    scale=self.softmax_scale, enable_gqa=gqa,
+                    q,
+                    k,
+                    v,
+                    attn_mask=allowed,
+                    dropout_p=dropout_p,
+                    is_causal=is_causal,
+                    scale=self.softmax_scale,
+                    enable_gqa=gqa,
                 )
             return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 

@@ -29,7 +29,8 @@ import logging
 import textwrap
 import time
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ class WallClockEvent:
     def query(self) -> bool:
         return True
 
-    def elapsed_time(self, end: "WallClockEvent") -> float:
+    def elapsed_time(self, end: WallClockEvent) -> float:
         if self._t is None or end._t is None:
             raise RuntimeError("WallClockEvent.elapsed_time called before both events were recorded")
         return (end._t - self._t) * 1000.0
@@ -142,10 +143,15 @@ def rewrite_function(owner: Any, name: str, replacements: dict[str, str]) -> Non
         lines.pop(0)
     source = "\n".join(lines) + "\n"
     module = importlib.import_module(func.__module__)
+    # Compiled inside a factory that binds ``__class__``, so zero-argument ``super()`` keeps working.
+    factory_src = "def _c2f_factory(__class__):\n" + textwrap.indent(source, "    ")
+    factory_src += f"    return {func.__name__}\n"
     namespace: dict[str, Any] = {}
-    code = compile(source, filename=f"<c2f rewrite of {func.__module__}.{func.__qualname__}>", mode="exec")
+    code = compile(
+        factory_src, filename=f"<c2f rewrite of {func.__module__}.{func.__qualname__}>", mode="exec"
+    )
     exec(code, module.__dict__, namespace)  # noqa: S102 - megatron's own source, rewritten as asserted above
-    new_func = namespace[func.__name__]
+    new_func = namespace["_c2f_factory"](owner if isinstance(owner, type) else None)
     new_func.__qualname__ = func.__qualname__
     new_func.__c2f_rewritten__ = True
     if is_static:
@@ -226,7 +232,9 @@ def _redirect_type_checks() -> None:
     rewrite_function(
         distrib_optimizer.DistributedOptimizer,
         "__init__",
-        {"['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']": "['torch.HalfTensor', 'torch.BFloat16Tensor']"},
+        {
+            "['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']": "['torch.HalfTensor', 'torch.BFloat16Tensor']"
+        },
     )
     rewrite_function(optimizer.Float16OptimizerWithFloat16Params, "__init__", cpu_types)
     rewrite_function(

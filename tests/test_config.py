@@ -1,0 +1,70 @@
+"""Typed YAML configuration with command-line overrides; errors name the source and the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from c2f_megatron.config import ConfigError, dump_config, load_config, parse_overrides
+from c2f_megatron.models.config import ModelConfig
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+
+
+@dataclass
+class Job:
+    name: str = "run"
+    steps: int = 10
+    mode: Literal["a", "b"] = "a"
+    init_from: str | None = None
+    optim: Optim = field(default_factory=Optim)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("steps: 20\noptim:\n  lr: 3.0e-4\nmodel:\n  num_layers: 4\n")
+    job = load_config(Job, path, ["optim.lr=1e-3", "mode=b", "init_from=/ckpt", "model.sliding_window=8"])
+    assert job.steps == 20 and job.optim.lr == 1e-3 and job.mode == "b" and job.init_from == "/ckpt"
+    assert job.model.num_layers == 4 and job.model.sliding_window == 8 and job.optim.betas == [0.9, 0.95]
+    dump_config(job, tmp_path / "out.yaml")
+    assert load_config(Job, tmp_path / "out.yaml") == job
+
+
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        ("stepz: 3\n", [], r"job.yaml: unknown field\(s\) stepz"),
+        ("steps: many\n", [], r"job.yaml.steps: expected an integer"),
+        ("optim:\n  lr: fast\n", [], r"job.yaml.optim.lr: expected a number"),
+        ("mode: c\n", [], r"job.yaml.mode: 'c' is not one of"),
+        ("model:\n  num_attention_heads: 3\n", [], r"job.yaml.model"),
+        ("- 1\n", [], "top level must be a mapping"),
+        ("", ["optim.lr"], "expected key.path=value"),
+        ("", ["optim.momentum=1"], r"overrides.optim: unknown field\(s\) momentum"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path, text, overrides, message):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(Job, path, overrides)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Job, "/nonexistent/job.yaml")
+
+
+def test_override_parsing():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]", "e=null"]) == {
+        "a": {"b": 1, "c": "x"},
+        "d": [1, 2],
+        "e": None,
+    }

@@ -1,0 +1,117 @@
+"""Exercise the megatron code path behind each CPU redirection, with or without that redirection.
+
+``--without NAME`` applies every redirection except NAME and runs NAME's probe; ``--all`` applies all and
+runs every probe. Prints one JSON object: probe name -> "ok" or the error it raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from c2f_megatron.platform import megatron_cpu
+
+
+def probe_current_device() -> None:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)(8)
+
+
+def probe_rng_tracker() -> None:
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(123, force_reset_rng=True)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        inside = torch.rand(4)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        again = torch.rand(4)
+    assert not torch.equal(inside, again), "the tracked state must advance across forks"
+
+
+def probe_cuda_factories() -> None:
+    from megatron.core.transformer.utils import get_default_causal_mask, get_sliding_window_causal_mask
+
+    assert get_default_causal_mask(4).device.type == "cpu"
+    get_sliding_window_causal_mask(4, 4, (1, 0))
+
+
+def probe_synchronize() -> None:
+    torch.cuda.synchronize()  # what p2p_communication (batch_p2p_sync) and inference utils call
+
+
+def probe_type_checks() -> None:
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=2.0)
+    assert torch.allclose(p.grad, torch.full((3,), 0.5), atol=1e-6)
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    Float16OptimizerWithFloat16Params(
+        torch.optim.Adam([q]), OptimizerConfig(bf16=True, lr=1e-3), grad_scaler=None, init_state_fn=None
+    )
+
+
+def probe_tensor_cuda() -> None:
+    torch.zeros(2).cuda()
+
+
+def probe_inference() -> None:
+    from megatron.core.inference import communication_utils
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    end.record()
+    assert start.elapsed_time(end) >= 0.0
+    communication_utils._is_cuda(torch.zeros(1))
+
+
+PROBES = {
+    "current_device": probe_current_device,
+    "rng_tracker": probe_rng_tracker,
+    "cuda_factories": probe_cuda_factories,
+    "synchronize": probe_synchronize,
+    "type_checks": probe_type_checks,
+    "tensor_cuda": probe_tensor_cuda,
+    "inference": probe_inference,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--without")
+    group.add_argument("--all", action="store_true")
+    args = parser.parse_args()
+    assert set(PROBES) == set(megatron_cpu.CPU_REDIRECTS), "every redirection needs a probe"
+    names = tuple(n for n in megatron_cpu.CPU_REDIRECTS if n != args.without)
+    megatron_cpu.apply(cpu=True, only=names)
+
+    from megatron.core import parallel_state
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    from tests.launch import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    results = {}
+    for name in PROBES if args.all else [args.without]:
+        try:
+            PROBES[name]()
+            results[name] = "ok"
+        except Exception as exc:  # the point: report what megatron raises without the redirection
+            results[name] = f"{type(exc).__name__}: {exc}"[:300]
+    print(json.dumps(results))
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
