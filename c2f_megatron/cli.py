@@ -25,12 +25,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(selected: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="c2f", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    registered: set[str] = set()
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        if name == selected and module not in registered:
-            importlib.import_module(module).register(sub)
-            registered.add(module)
-        elif name != selected:
+    if selected is not None:
+        importlib.import_module(SUBCOMMANDS[selected][0]).register(sub)
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        if name not in sub.choices:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

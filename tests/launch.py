@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,19 @@ def worker_env(threads: int = 1) -> dict[str, str]:
     return env
 
 
+def _run(cmd: list[str], timeout: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run in a new session so that a timeout kills the launcher *and* every worker it started."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[:4])}... timed out after {timeout} s\n{out[-4000:]}\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_torchrun(script: str | Path, nproc: int, args: list[str], timeout: int = 600) -> str:
     """Run ``torchrun --nproc_per_node=nproc script args``; return stdout, raise with the logs on failure."""
     script = Path(script)
@@ -46,7 +60,7 @@ def run_torchrun(script: str | Path, nproc: int, args: list[str], timeout: int =
         *args,
     ]
     threads = max(1, 2 // nproc)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(threads))
+    proc = _run(cmd, timeout, worker_env(threads))
     if proc.returncode != 0:
         raise AssertionError(
             f"torchrun {script.name} (nproc={nproc}) failed with exit code {proc.returncode}\n"

@@ -51,7 +51,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(7)
     n, mbs, seq = args.micro_batches, args.micro_batch_size, args.seq
     tokens = torch.randint(0, cfg.vocab_size, (n, mbs, seq + 1), generator=gen)
-    batches = iter([tokens[i] for i in range(n)])
+    # one iterator per model chunk: every chunk's forward_step draws its own copy of each micro-batch
+    iterators = [iter([tokens[i] for i in range(n)]) for _ in chunks]
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     collected_logits: list[torch.Tensor] = []
     losses: list[float] = []
@@ -78,7 +79,7 @@ def main() -> None:
     forward_backward = get_forward_backward_func()
     forward_backward(
         forward_step_func=forward_step,
-        data_iterator=batches if len(chunks) == 1 else [batches] * len(chunks),
+        data_iterator=iterators[0] if len(chunks) == 1 else iterators,
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=n,
         seq_length=seq,

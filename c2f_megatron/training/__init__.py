@@ -1,0 +1,1 @@
+"""Shared Megatron training loop, checkpoints and logging; the LM, SFT and reward-model trainers."""

@@ -1,0 +1,82 @@
+"""``c2f train-lm | train-sft | train-rm CONFIG.yaml [key.path=value ...]``.
+
+Launch one process per device (``torchrun --nproc_per_node=N -m c2f_megatron.cli train-rm cfg.yaml``, or
+``srun`` under Slurm); a plain call is a world of one. Exit codes: 0 done (or stopped by
+``train.exit_after_steps``), 2 bad config or input, 3 stopped by the NaN guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from c2f_megatron.config import ConfigError, dump_config, load_config
+
+JOBS: dict[str, tuple[str, str, str]] = {
+    # command: (module, job config class, help)
+    "train-lm": ("c2f_megatron.training.tasks.lm", "LMJobConfig", "train a language model (next-token loss)"),
+    "train-sft": (
+        "c2f_megatron.training.tasks.sft",
+        "SFTJobConfig",
+        "supervised fine-tuning (loss on responses)",
+    ),
+    "train-rm": (
+        "c2f_megatron.training.tasks.reward",
+        "RMJobConfig",
+        "train a reward model on preference pairs",
+    ),
+}
+
+
+def register(subparsers: Any) -> None:
+    for command, (_, _, help_text) in JOBS.items():
+        parser = subparsers.add_parser(command, help=help_text, description=help_text)
+        parser.add_argument("config", help="job YAML (see examples/)")
+        parser.add_argument(
+            "overrides", nargs="*", help="key.path=value overrides, e.g. train.train_steps=10"
+        )
+        parser.set_defaults(func=_runner(command))
+
+
+def _runner(command: str) -> Callable[[argparse.Namespace], int]:
+    def run_command(args: argparse.Namespace) -> int:
+        return main(command, args.config, args.overrides)
+
+    return run_command
+
+
+def main(command: str, config_path: str | None, overrides: list[str]) -> int:
+    import importlib
+
+    module_name, class_name, _ = JOBS[command]
+    module = importlib.import_module(module_name)
+    try:
+        cfg = load_config(getattr(module, class_name), config_path, overrides)
+    except ConfigError as exc:
+        print(f"c2f {command}: {exc}", file=sys.stderr)
+        return 2
+    from c2f_megatron.checkpoint.megatron_dir import CheckpointError
+    from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
+    from c2f_megatron.training.trainer import NonFiniteLossError, job_dump, run
+
+    init_distributed(cfg.parallel)
+    try:  # input problems (data files, tokenizer, checkpoints, config values): one line, no traceback
+        task = module.build_task(cfg)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"c2f {command}: {exc}", file=sys.stderr)
+        return 2
+    if is_rank_zero():
+        Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+    try:
+        run(cfg, task, config_dump=job_dump(cfg))
+    except CheckpointError as exc:
+        print(f"c2f {command}: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"c2f {command}: {exc}", file=sys.stderr)
+        return 3
+    return 0

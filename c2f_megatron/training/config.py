@@ -1,0 +1,150 @@
+"""Typed configuration shared by every trainer (LM, SFT, reward model, PPO): optimizer, loop, checkpoints, logs.
+
+Each trainer's YAML is one job dataclass built from these sections (see ``tasks/``), loaded with
+``c2f_megatron.config.load_config`` so a typo fails with the file and the dotted field named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from c2f_megatron.models.config import ModelConfig, get_preset
+from c2f_megatron.platform.distributed import ParallelConfig
+
+
+@dataclass
+class OptimConfig:
+    """Adam/AdamW through ``get_megatron_optimizer`` and the LR schedule of ``OptimizerParamScheduler``."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"  # megatron's "adam" is AdamW (decoupled weight decay)
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping (the grad norm is still computed and logged)
+    warmup_steps: int = 0
+    decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "cosine"
+    decay_steps: int | None = None  # default: train.train_steps
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("overlap_param_gather needs use_distributed_optimizer: true")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batch geometry, intervals and the NaN guard (``parallel.seed`` seeds data order too)."""
+
+    train_steps: int = 100
+    micro_batch_size: int = 4  # sequences (LM/SFT) or pairs (reward model) per micro-batch
+    global_batch_size: int = 4  # per optimizer step over all data-parallel ranks
+    seq_length: int = 256
+    log_interval: int = 1
+    eval_interval: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 0  # 0: the whole eval set
+    save_interval: int = 0  # 0: save only at the end
+    keep_last: int = 2
+    max_consecutive_nan: int = 3
+    exit_after_steps: int | None = None  # stop (after saving) once this step is reached: preemption drills
+
+    def __post_init__(self) -> None:
+        for name in ("train_steps", "micro_batch_size", "global_batch_size", "seq_length", "keep_last"):
+            if getattr(self, name) < (0 if name == "train_steps" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_consecutive_nan < 1:
+            raise ValueError(f"max_consecutive_nan must be >= 1, got {self.max_consecutive_nan}")
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        """Gradient-accumulation steps per optimizer step on each data-parallel rank."""
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size} x data-parallel size {data_parallel_size}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    """Where step checkpoints go and what a run starts from.
+
+    ``dir``: ``<dir>/step_0000100`` c2f checkpoints; a run resumes from the latest complete one there.
+    ``init_from``: a c2f checkpoint (e.g. a converted HF model) whose weights start a fresh run; ignored
+    when ``dir`` already holds a checkpoint to resume.
+    """
+
+    dir: str | None = None
+    init_from: str | None = None
+    resume: bool = True
+    save_optimizer: bool = True
+    distrib_optim_sharding_type: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+
+
+@dataclass
+class LoggingConfig:
+    """wandb (offline by default: no network needed, ``wandb sync`` later) and the console."""
+
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "c2f-megatron"
+    wandb_entity: str | None = None
+    run_name: str | None = None
+    run_dir: str = "runs/default"  # metrics.jsonl, resolved config, wandb files
+
+
+@dataclass
+class ModelSection:
+    """Model architecture: a preset with overrides, or every field of ``ModelConfig`` from ``overrides``.
+
+    When the run starts from a checkpoint, its ``c2f_checkpoint.json`` defines the architecture and only
+    run-time fields (``layer_spec``, dropouts) may be overridden here.
+    """
+
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    RUNTIME_FIELDS = ("layer_spec", "attention_dropout", "hidden_dropout")
+
+    def resolve(self, from_checkpoint: ModelConfig | None = None) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise ValueError(f"model.overrides: unknown field(s) {unknown}; known: {sorted(known)}")
+        if from_checkpoint is not None:
+            fixed = sorted(
+                k
+                for k, v in self.overrides.items()
+                if k not in self.RUNTIME_FIELDS and getattr(from_checkpoint, k) != v
+            )
+            if fixed:
+                raise ValueError(
+                    f"model.overrides {fixed} differ from the checkpoint's architecture; only "
+                    f"{list(self.RUNTIME_FIELDS)} may change when starting from a checkpoint"
+                )
+            return dataclasses.replace(from_checkpoint, **self.overrides)
+        if self.preset is not None:
+            return get_preset(self.preset, **self.overrides)
+        return ModelConfig(**self.overrides)
+
+
+@dataclass
+class TrainerSections:
+    """The sections every job config has; trainers add their ``data`` (and task) sections."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,289 @@
+"""The training step shared by every trainer, built from megatron-core pieces.
+
+- ``setup_training``: megatron ``DistributedDataParallel`` around each chunk, ``get_megatron_optimizer``
+  (Adam/AdamW, optionally the distributed optimizer), ``OptimizerParamScheduler`` (warmup + decay), and the
+  model-config hooks the pipeline schedules call (grad sync, per-token loss scaling).
+- ``train_step``: one optimizer step over a list of micro-batches through ``get_forward_backward_func``
+  (no pipelining, 1F1B or interleaved, chosen by ``parallel_state``). A non-finite loss or grad norm skips
+  the update on every rank.
+- ``evaluate``: forward-only over micro-batches.
+
+Loss convention (``calculate_per_token_loss=True``): a task's ``loss_func`` returns
+``(loss_sum, num_units, metrics)`` where ``num_units`` counts what the loss averages over (tokens for
+LM/SFT, pairs for the reward model) and each metric is a tensor ``[sum, count]``. The schedule sums over
+micro-batches and ``finalize_model_grads`` divides the gradients by the global count, so the update is
+the mean over the whole global batch whatever the TP/PP/DP split or the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from c2f_megatron.models.config import DTYPES, ModelConfig
+from c2f_megatron.training.config import OptimConfig
+
+ForwardStepFunc = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
+
+
+@dataclass
+class TrainingModel:
+    """A model ready to train: DDP-wrapped chunks, their optimizer and LR scheduler."""
+
+    chunks: list[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def config(self) -> Any:
+        from megatron.core.utils import get_model_config
+
+        return get_model_config(self.chunks[0])
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]  # reduced over micro-batches and data-parallel ranks, same on every rank
+    grad_norm: float
+    lr: float
+    skipped: bool
+    seconds: float
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], optim: OptimConfig) -> list[torch.nn.Module]:
+    """megatron DDP around each chunk (bucketing only for the first chunk, as Megatron-LM does)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=optim.overlap_grad_reduce,
+        overlap_param_gather=optim.overlap_param_gather,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(ddp_chunks: Sequence[torch.nn.Module], optim: OptimConfig, model_cfg: ModelConfig):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    dtype = DTYPES[model_cfg.params_dtype]
+    config = OptimizerConfig(
+        optimizer=optim.optimizer,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+        overlap_param_gather=optim.overlap_param_gather,
+    )
+    return get_megatron_optimizer(config, list(ddp_chunks))
+
+
+def build_scheduler(optimizer: Any, optim: OptimConfig, train_steps: int):
+    """Warmup then decay, in optimizer steps (the scheduler is stepped once per successful update)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = max(optim.decay_steps or train_steps, optim.warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )
+
+
+def configure_schedule_hooks(ddp_chunks: Sequence[torch.nn.Module], optimizer: Any) -> None:
+    """Set the hooks megatron's schedules call: grad finalisation, loss scaling, no-sync for accumulation."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(ddp_chunks[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    if not config.calculate_per_token_loss:
+        raise ValueError("build the model with calculate_per_token_loss=True (see the loss convention above)")
+    no_sync = [chunk.no_sync for chunk in ddp_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if ddp_chunks[0].ddp_config.overlap_grad_reduce:
+        sync = [chunk.start_grad_sync for chunk in ddp_chunks]
+        config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+    if ddp_chunks[0].ddp_config.overlap_param_gather:
+        gather = [chunk.start_param_sync for chunk in ddp_chunks]
+        config.param_sync_func = gather[0] if len(gather) == 1 else gather
+
+
+def setup_training(
+    chunks: Sequence[torch.nn.Module], optim: OptimConfig, model_cfg: ModelConfig, train_steps: int
+) -> TrainingModel:
+    """DDP + optimizer + scheduler + schedule hooks for freshly built (and possibly loaded) chunks."""
+    ddp_chunks = wrap_ddp(chunks, optim)
+    optimizer = build_optimizer(ddp_chunks, optim, model_cfg)
+    scheduler = build_scheduler(optimizer, optim, train_steps)
+    configure_schedule_hooks(ddp_chunks, optimizer)
+    return TrainingModel(ddp_chunks, optimizer, scheduler)
+
+
+def _microbatch_iterators(chunks: Sequence[torch.nn.Module], microbatches: Sequence[Any]):
+    """One iterator per chunk (the interleaved schedule pulls from each chunk's own iterator)."""
+    if len(chunks) == 1:
+        return iter(microbatches)
+    return [iter(microbatches) for _ in chunks]
+
+
+def reduce_metrics(losses_reduced: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Sum ``[sum, count]`` metrics over micro-batches and data-parallel ranks; the same dict on all ranks.
+
+    Only the last pipeline stage has loss outputs; it broadcasts the result along its pipeline group.
+    """
+    from megatron.core import parallel_state
+
+    totals: dict[str, torch.Tensor] = {}
+    for item in losses_reduced:
+        for key, value in item.items():
+            value = value.detach().double().reshape(-1)
+            totals[key] = totals[key] + value if key in totals else value.clone()
+    result: dict[str, float] = {}
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and totals:
+        keys = sorted(totals)
+        stacked = torch.stack([totals[k] for k in keys]).to(_device())
+        if parallel_state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
+        for key, (total, count) in zip(keys, stacked.tolist()):
+            result[key] = total / count if count else float("nan")
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        holder = [result]
+        dist.broadcast_object_list(
+            holder,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        result = holder[0]
+    return result
+
+
+def _device() -> torch.device:
+    from c2f_megatron.platform.distributed import device
+
+    return device()
+
+
+def _all_finite(*values: float) -> bool:
+    """True on every rank only if the values are finite on every rank."""
+    bad = torch.tensor([0.0 if all(math.isfinite(v) for v in values) else 1.0], device=_device())
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def _clip_and_step(optimizer: Any, grad_norm: float) -> None:
+    """The tail of ``MegatronOptimizer.step`` after the grad norm is known: clip, then update."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=opt.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    optimizer.step_with_ready_grads()
+
+
+def train_step(
+    tm: TrainingModel,
+    forward_step_func: ForwardStepFunc,
+    microbatches: Sequence[Any],
+    seq_length: int,
+    micro_batch_size: int,
+    loss_key: str = "loss",
+) -> StepResult:
+    """One optimizer step. ``micro_batch_size`` counts sequences (the pipeline's p2p tensor shape).
+
+    ``microbatches`` holds whatever ``forward_step_func`` pulls with ``next(data_iterator)``. When the
+    loss or the grad norm is NaN/inf on any rank, no parameter or optimizer state changes (``skipped``).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    start = time.perf_counter()
+    for chunk in tm.chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    tm.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=_microbatch_iterators(tm.chunks, microbatches),
+        model=tm.chunks,
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    metrics = reduce_metrics(losses)
+    found_inf = tm.optimizer.prepare_grads()
+    grad_norm = float(tm.optimizer.get_grad_norm())
+    ok = not found_inf and _all_finite(metrics.get(loss_key, 0.0), grad_norm)
+    lr = tm.optimizer.param_groups[0]["lr"]  # the rate this update used
+    if ok:
+        _clip_and_step(tm.optimizer, grad_norm)
+        tm.scheduler.step(increment=1)
+    return StepResult(metrics, grad_norm, lr, not ok, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(
+    chunks: Sequence[torch.nn.Module],
+    forward_step_func: ForwardStepFunc,
+    batches: Iterable[Sequence[Any]],
+    seq_length: int,
+    micro_batch_size: int,
+) -> dict[str, float]:
+    """Forward-only over groups of micro-batches; metrics pooled over all of them (sums, then ratio)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in chunks:
+        chunk.eval()
+    pooled: list[dict[str, torch.Tensor]] = []
+    for microbatches in batches:
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step_func,
+            data_iterator=_microbatch_iterators(chunks, microbatches),
+            model=list(chunks),
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
+        pooled.extend(out)
+    for chunk in chunks:
+        chunk.train()
+    return reduce_metrics(pooled)
