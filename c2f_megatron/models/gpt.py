@@ -33,7 +33,7 @@ def build_gpt_model(model_cfg: ModelConfig, vp_stage: int | None = None, **confi
         share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=int(model_cfg.rotary_base),
+        rotary_base=model_cfg.rotary_base,
         vp_stage=vp_stage,
     )
     from c2f_megatron.platform.distributed import device

@@ -159,7 +159,8 @@ def destroy_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
-        dist.barrier()
+        # No barrier: after an error on one rank, a barrier here would block forever while the other
+        # ranks sit in their own collective; destroy_process_group alone lets every rank exit.
         dist.destroy_process_group()
 
 

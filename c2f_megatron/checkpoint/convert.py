@@ -1,0 +1,616 @@
+"""Exact HF Mistral <-> c2f megatron checkpoint conversion, at any TP/PP, streaming tensor by tensor.
+
+HF -> megatron: every rank builds the stock ``GPTModel`` of its TP/PP shard without random initialisation,
+fills each parameter from lazily read (``safe_open`` slices) HF tensors, and saves with
+``save_model_checkpoint``: the ``model/`` keys are exactly megatron's own, so the result loads at any TP/PP.
+Megatron -> HF: every rank builds its shard, ``load_model_checkpoint`` fills it, and tensors are gathered
+over TP one at a time and streamed into safetensors shards by the TP rank 0 of each pipeline stage.
+Peak memory is about one copy of the rank's shard in the model dtype. Everything is checked (config,
+tensor names and shapes, layout divisibility, output path) before any process group starts, and output is
+written to ``OUT.partial`` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from c2f_megatron.checkpoint import hf_mistral as hm
+from c2f_megatron.checkpoint.hf_mistral import ConversionError
+from c2f_megatron.checkpoint.megatron_dir import (
+    CheckpointMetadata,
+    commit_output,
+    load_model_checkpoint,
+    prepare_output,
+    read_metadata,
+    save_model_checkpoint,
+)
+from c2f_megatron.models.config import DTYPES, ModelConfig
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_SUBDIR = "tokenizer"
+DEFAULT_MAX_SHARD = "5GB"
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    out: Path
+    seconds: float
+    max_logit_diff: float | None = None
+    tolerance: float | None = None
+
+
+# ------------------------------------------------------------------------------------------ HF reading
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """An HF directory opened lazily: tensor names, shapes and dtypes from the safetensors headers only."""
+
+    directory: Path
+    config: dict[str, Any]
+    files: dict[str, Path]
+    shapes: dict[str, tuple[int, ...]]
+
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> Tensor:
+        """One tensor (or a row/column block of it), read through ``safe_open`` without touching the rest.
+
+        The file is opened per read so its memory map (and the pages it touched) is released at once.
+        """
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            part = f.get_slice(name)
+            if rows is not None:
+                return part[rows[0] : rows[1]]
+            if cols is not None:
+                return part[:, cols[0] : cols[1]]
+            return part[:]
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """``config.json`` of an HF directory as a dict (errors name the file)."""
+    directory = Path(hf_dir)
+    if not directory.is_dir():
+        raise ConversionError(f"{directory}: HF checkpoint directory not found")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path}: missing; an HF checkpoint needs config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{config_path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object")
+    return config
+
+
+def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
+    """Read ``config.json`` and the safetensors headers (single file or sharded with an index)."""
+    from safetensors import safe_open
+
+    directory = Path(hf_dir)
+    config = read_hf_config(directory)
+    index_path = directory / SAFETENSORS_INDEX
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConversionError(f"{index_path}: field 'weight_map' missing or invalid ({exc})") from exc
+        file_names = sorted(set(weight_map.values()))
+    else:
+        file_names = sorted(p.name for p in directory.glob("*.safetensors"))
+        weight_map = None
+    if not file_names:
+        pickles = sorted(p.name for p in directory.glob("*.bin"))
+        hint = (
+            f" (found {', '.join(pickles)}: pickle checkpoints are not read; save with safetensors)"
+            if pickles
+            else ""
+        )
+        raise ConversionError(f"{directory}: no *.safetensors files{hint}")
+    files: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file_name in file_names:
+        path = directory / file_name
+        if not path.is_file():
+            raise ConversionError(f"{index_path}: lists {file_name}, which does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    if name in files:
+                        raise ConversionError(f"{path}: tensor {name!r} is also in {files[name].name}")
+                    files[name] = path
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except ConversionError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if weight_map is not None:
+        for name, file_name in weight_map.items():
+            if files.get(name, directory / file_name) != directory / file_name:
+                raise ConversionError(
+                    f"{index_path}: tensor {name!r} is mapped to {file_name} but lives elsewhere"
+                )
+            if name not in files:
+                raise ConversionError(f"{index_path}: tensor {name!r} is not in {file_name}")
+    return HFCheckpoint(directory, config, files, shapes)
+
+
+def check_hf_tensors(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
+    """Refuse missing, extra (``rotary_emb.inv_freq`` buffers excepted) or mis-shaped tensors, by name."""
+    expected = hm.expected_hf_shapes(cfg)
+    present = {n for n in ckpt.shapes if not n.endswith("rotary_emb.inv_freq")}
+    missing = [n for n in expected if n not in present]
+    extra = sorted(present - set(expected))
+    if missing:
+        raise ConversionError(
+            f"{ckpt.directory}: missing tensor(s) {', '.join(missing[:8])}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
+    if extra:
+        raise ConversionError(
+            f"{ckpt.directory}: unexpected tensor(s) {', '.join(extra[:8])}"
+            + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+            + " (not a plain MistralForCausalLM)"
+        )
+    for name, shape in expected.items():
+        if ckpt.shapes[name] != shape:
+            raise ConversionError(
+                f"{ckpt.files[name]}: tensor {name!r} has shape {list(ckpt.shapes[name])}, config.json implies "
+                f"{list(shape)}"
+            )
+
+
+def check_layout(cfg: ModelConfig, tp: int, pp: int, source: str) -> None:
+    """TP must divide heads and query groups (and so the per-group QKV), PP must divide the layers."""
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
+    for field, n in (
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_key_value_heads", cfg.num_query_groups),
+    ):
+        if n % tp:
+            raise ConversionError(
+                f"{source}: field '{field}' = {n} is not divisible by tensor parallel size {tp}"
+            )
+    if cfg.ffn_hidden_size % tp:
+        raise ConversionError(
+            f"{source}: field 'intermediate_size' = {cfg.ffn_hidden_size} is not divisible by tensor parallel size {tp}"
+        )
+    if cfg.num_layers % pp:
+        raise ConversionError(
+            f"{source}: field 'num_hidden_layers' = {cfg.num_layers} is not divisible by pipeline parallel size {pp}"
+        )
+
+
+def _check_output(out: str | Path, force: bool) -> None:
+    if Path(out).exists() and not force:
+        raise ConversionError(f"{out}: output already exists (pass --force to replace it)")
+
+
+# ------------------------------------------------------------------------------------ HF -> megatron
+
+
+def _rank_tensor(
+    ckpt: HFCheckpoint, rule: hm.TensorRule, layer: int | None, cfg: ModelConfig, tp: int, rank: int
+) -> Tensor:
+    """The tensor TP rank ``rank`` holds for one megatron parameter, read from HF slices."""
+    names = hm.hf_names_of(rule, layer)
+    if rule.kind == "replicated":
+        return ckpt.read(names[0])
+    if rule.kind == "row":
+        return ckpt.read(names[0], cols=hm.tp_range(ckpt.shapes[names[0]][1], tp, rank))
+    if rule.kind == "qkv":
+        d = cfg.head_dim
+        q = ckpt.read(names[0], rows=hm.tp_range(cfg.num_attention_heads * d, tp, rank))
+        k = ckpt.read(names[1], rows=hm.tp_range(cfg.num_query_groups * d, tp, rank))
+        v = ckpt.read(names[2], rows=hm.tp_range(cfg.num_query_groups * d, tp, rank))
+        return hm.qkv_to_megatron(q, k, v, cfg.num_attention_heads // tp, cfg.num_query_groups // tp)
+    if rule.kind == "fc1":
+        rows = hm.tp_range(cfg.ffn_hidden_size, tp, rank)
+        return hm.fc1_to_megatron(ckpt.read(names[0], rows=rows), ckpt.read(names[1], rows=rows))
+    if rule.kind == "vocab":
+        start, real, zeros = hm.vocab_rows_for_rank(cfg.vocab_size, cfg.padded_vocab_size(tp), tp, rank)
+        part = ckpt.read(names[0], rows=(start, start + real))
+        return torch.cat([part, part.new_zeros(zeros, part.shape[1])]) if zeros else part
+    raise ValueError(f"unknown tensor kind {rule.kind!r}")
+
+
+def _layer_offset(chunk: torch.nn.Module, local: int) -> int:
+    return chunk.decoder.layers[local].layer_number - 1
+
+
+def fill_from_hf(chunk: torch.nn.Module, ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
+    """Copy this rank's slice of every HF tensor into a freshly built (uninitialised) model chunk."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    params = dict(chunk.named_parameters())
+    spec = hm.detect_layer_spec(list(params))
+    with torch.no_grad():
+        for name, param in params.items():
+            try:
+                rule, local = hm.rule_for(name, spec)
+            except KeyError as exc:
+                raise ConversionError(str(exc)) from exc
+            layer = None if local is None else _layer_offset(chunk, local)
+            value = _rank_tensor(ckpt, rule, layer, cfg, tp, rank)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConversionError(
+                    f"megatron parameter {name!r} has shape {list(param.shape)} on TP rank {rank}, the HF "
+                    f"tensor(s) {hm.hf_names_of(rule, layer)} give {list(value.shape)}"
+                )
+            param.copy_(value)
+            del value
+
+
+def _tokenizer_info(hf_dir: Path) -> tuple[dict[str, Any], list[Path]]:
+    """Tokenizer files to carry over and the info recorded about them (the default Mistral one if none)."""
+    from c2f_megatron.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+    files = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
+    if not files:
+        return {"spec": DEFAULT_TOKENIZER, "files": [], **load_tokenizer(None).info().to_dict()}, []
+    info: dict[str, Any] = {"spec": TOKENIZER_SUBDIR, "files": [f.name for f in files]}
+    spec = str(hf_dir / "tokenizer.model") if (hf_dir / "tokenizer.model").is_file() else str(hf_dir)
+    try:
+        info.update(load_tokenizer(spec).info().to_dict())
+    except Exception as exc:  # a tokenizer we cannot load still travels with the weights, recorded as such
+        info["load_error"] = f"{type(exc).__name__}: {exc}"
+    return info, files
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    force: bool = False,
+    verify: bool = False,
+    tp: int = 1,
+    pp: int = 1,
+    verify_seq_len: int = 32,
+    verify_tolerance: float | None = None,
+) -> ConversionReport:
+    """Convert an HF Mistral directory into a c2f megatron checkpoint at ``out`` (all ranks call it).
+
+    ``tp``/``pp`` is the layout used while converting (each rank reads only its slices); the result loads
+    at any layout. ``verify`` compares logits of both models on a fixed sequence and raises above the
+    tolerance (1e-4 in fp32; 2% of the largest HF logit in bf16/fp16).
+    """
+    start = time.perf_counter()
+    from c2f_megatron.models.gpt import build_gpt_model
+    from c2f_megatron.platform.distributed import ParallelConfig, init_distributed
+
+    hf_dir = Path(hf_dir)
+    _check_output(out, force)
+    cfg = hm.model_config_from_hf(read_hf_config(hf_dir), str(hf_dir / "config.json"), dtype)
+    ckpt = open_hf_checkpoint(hf_dir)
+    check_hf_tensors(ckpt, cfg)
+    check_layout(cfg, tp, pp, str(hf_dir / "config.json"))
+    tokenizer, tokenizer_files = _tokenizer_info(hf_dir)
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    chunk = build_gpt_model(cfg, perform_initialization=False)
+    fill_from_hf(chunk, ckpt, cfg)
+    metadata = CheckpointMetadata(
+        model=cfg,
+        tokenizer=tokenizer,
+        kind="gpt",
+        dtype=cfg.params_dtype,
+        provenance={
+            "converted_from": str(hf_dir.resolve()),
+            "format": "huggingface-mistral",
+            "converter": "c2f_megatron.checkpoint.convert",
+            "convert_layout": {"tp": tp, "pp": pp},
+        },
+    )
+
+    def copy_tokenizer(tmp: Path) -> None:
+        if tokenizer_files and _is_global_rank_zero():
+            (tmp / TOKENIZER_SUBDIR).mkdir()
+            for f in tokenizer_files:
+                shutil.copy2(f, tmp / TOKENIZER_SUBDIR / f.name)
+
+    report = ConversionReport(Path(out), 0.0)
+    if verify:  # before the save, so a failed verification leaves no output behind
+        report.max_logit_diff, report.tolerance = verify_against_hf(
+            chunk, cfg, hf_dir, verify_seq_len, verify_tolerance
+        )
+    save_model_checkpoint([chunk], out, metadata, force=force, extra_parts=copy_tokenizer)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+def verify_tokens(vocab_size: int, seq_len: int, batch: int = 2) -> Tensor:
+    """A fixed, vocabulary-spread token batch (no randomness, so every rank and run sees the same)."""
+    ids = torch.arange(batch * seq_len, dtype=torch.long).reshape(batch, seq_len)
+    return (ids * 7919 + 13) % vocab_size
+
+
+def megatron_logits(chunk: torch.nn.Module, tokens: Tensor, vocab_size: int) -> Tensor | None:
+    """Full-vocab logits [b, s, vocab] of a model shard, on the last pipeline stage (None elsewhere).
+
+    With PP > 1 this runs megatron's forward-only pipeline schedule; TP output is gathered by the model.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from c2f_megatron.models.gpt import position_ids_for
+    from c2f_megatron.platform.distributed import device
+
+    tokens = tokens.to(device())
+    chunk.eval()
+    with torch.no_grad():
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return chunk(tokens, position_ids_for(tokens), None, runtime_gather_output=True)[
+                ..., :vocab_size
+            ].float()
+
+        def forward_step(_iterator, model):
+            out = model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+            return out, lambda output, non_loss_data=False: output
+
+        collected = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([None]),
+            model=[chunk],
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return collected[0][..., :vocab_size].float()
+
+
+def hf_logits(hf_dir: Path, tokens: Tensor, dtype: torch.dtype) -> Tensor:
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens).logits.float()
+    del model
+    return logits
+
+
+def verify_against_hf(
+    chunk: torch.nn.Module, cfg: ModelConfig, hf_dir: Path, seq_len: int, tolerance: float | None
+) -> tuple[float, float]:
+    """Max |logit difference| between the megatron shard(s) and the HF model; raises above tolerance.
+
+    Only one rank (last pipeline stage, TP rank 0, DP rank 0) loads the HF model; the result is shared.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tokens = verify_tokens(cfg.vocab_size, min(seq_len, cfg.max_position_embeddings))
+    ours = megatron_logits(chunk, tokens, cfg.vocab_size)
+    result = torch.zeros(2, dtype=torch.float64)
+    judge = (
+        ours is not None
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+    if judge:
+        theirs = hf_logits(hf_dir, tokens, DTYPES[cfg.params_dtype])
+        diff = (ours.cpu() - theirs).abs().max().item()
+        tol = (
+            tolerance
+            if tolerance is not None
+            else (1e-4 if cfg.params_dtype == "fp32" else 0.02 * max(1.0, theirs.abs().max().item()))
+        )
+        result[0], result[1] = diff, tol
+    if dist.is_initialized():
+        dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    diff, tol = float(result[0]), float(result[1])
+    if not diff <= tol:  # also catches NaN
+        raise ConversionError(
+            f"--verify failed: max |logit difference| HF vs megatron {diff:.3e} > {tol:.1e}"
+        )
+    return diff, tol
+
+
+# ------------------------------------------------------------------------------------ megatron -> HF
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``5GB`` / ``500MB`` / ``123`` (decimal units, as in transformers)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not match:
+        raise ConversionError(f"--max-shard-size {text!r}: use bytes or a size like 2GB / 500MB")
+    unit = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}[
+        match.group(2)
+    ]
+    return int(float(match.group(1)) * unit)
+
+
+class ShardWriter:
+    """Streams named tensors into safetensors files of at most ``max_bytes`` (a tensor is never split)."""
+
+    def __init__(self, directory: Path, prefix: str, max_bytes: int) -> None:
+        self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[str, list[str], int]] = []  # (file name, tensor names, bytes)
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        file_name = f"{self.prefix}-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(self.directory / file_name), metadata={"format": "pt"})
+        self.written.append((file_name, list(self.pending), self.pending_bytes))
+        self.pending, self.pending_bytes = {}, 0
+
+
+def _gather_tp(local: Tensor) -> list[Tensor]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return [local]
+    shards = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return shards
+
+
+def hf_tensors_of(
+    name: str, param: Tensor, rule: hm.TensorRule, layer: int | None, cfg: ModelConfig
+) -> Iterator[tuple[str, Tensor]]:
+    """The global HF tensor(s) of one megatron parameter (TP shards gathered; all TP ranks call it)."""
+    shards = _gather_tp(param.detach())
+    names = hm.hf_names_of(rule, layer)
+    if rule.kind == "replicated":
+        yield names[0], shards[0]
+    elif rule.kind == "row":
+        yield names[0], torch.cat(shards, dim=1) if len(shards) > 1 else shards[0]
+    elif rule.kind == "vocab":
+        full = torch.cat(shards) if len(shards) > 1 else shards[0]
+        yield names[0], hm.trim_vocab(full, cfg.vocab_size)
+    elif rule.kind == "qkv":
+        full = torch.cat(shards) if len(shards) > 1 else shards[0]
+        yield from zip(names, hm.qkv_from_megatron(full, cfg.num_attention_heads, cfg.num_query_groups))
+    elif rule.kind == "fc1":
+        yield from zip(names, hm.fc1_from_tp_shards(shards))
+    else:
+        raise ValueError(f"unknown tensor kind {rule.kind!r} for {name}")
+
+
+def convert_megatron_to_hf(
+    megatron_dir: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    force: bool = False,
+    tp: int = 1,
+    pp: int = 1,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD,
+) -> ConversionReport:
+    """Export a c2f megatron checkpoint to an HF Mistral directory (safetensors shards + index + config).
+
+    Padded vocab rows are dropped; ``dtype`` defaults to the checkpoint's. All ranks call it.
+    """
+    start = time.perf_counter()
+    _check_output(out, force)
+    meta = read_metadata(megatron_dir)
+    source = str(Path(megatron_dir) / "c2f_checkpoint.json")
+    if meta.kind != "gpt":
+        raise ConversionError(f"{source}: field 'kind' is {meta.kind!r}; only 'gpt' (LM head) exports to HF")
+    cfg = meta.model
+    out_dtype = dtype or meta.dtype
+    if out_dtype not in DTYPES:
+        raise ConversionError(f"dtype {out_dtype!r} is not one of {sorted(DTYPES)}")
+    hf_config = hm.hf_config_from_model(cfg, out_dtype)
+    check_layout(cfg, tp, pp, source)
+    max_bytes = parse_size(max_shard_size)
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from c2f_megatron.models.gpt import build_gpt_model
+    from c2f_megatron.platform.distributed import ParallelConfig, init_distributed
+
+    init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    chunk = build_gpt_model(cfg, perform_initialization=False)
+    load_model_checkpoint([chunk], megatron_dir)
+    tmp = prepare_output(out, force=force)
+    writer_rank = (
+        parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    )
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    writer = ShardWriter(tmp, f"part-{stage:03d}", max_bytes)
+    params = dict(chunk.named_parameters())
+    spec = hm.detect_layer_spec(list(params))
+    with torch.no_grad():
+        for name, param in params.items():
+            rule, local = hm.rule_for(name, spec)
+            layer = None if local is None else _layer_offset(chunk, local)
+            for hf_name, tensor in hf_tensors_of(name, param, rule, layer, cfg):
+                if writer_rank:
+                    writer.add(hf_name, tensor.to(DTYPES[out_dtype]))
+    writer.flush()
+    del chunk, params
+
+    written = writer.written if writer_rank else []
+    if dist.is_initialized():
+        everything: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, written)
+        written = [w for part in everything for w in part]
+    if _is_global_rank_zero():
+        _finish_hf_dir(tmp, sorted(written), hf_config, Path(megatron_dir), meta)
+    commit_output(tmp, out, None)
+    return ConversionReport(Path(out), time.perf_counter() - start)
+
+
+def _finish_hf_dir(
+    tmp: Path,
+    written: list[tuple[str, list[str], int]],
+    hf_config: dict[str, Any],
+    megatron_dir: Path,
+    meta: CheckpointMetadata,
+) -> None:
+    """Rename the shards to HF's ``model-0000i-of-0000n`` names, write the index, config and tokenizer."""
+    total = len(written)
+    weight_map: dict[str, str] = {}
+    for i, (part_name, names, _) in enumerate(written, start=1):
+        final = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+        os.replace(tmp / part_name, tmp / final)
+        weight_map.update({n: final for n in names})
+    if total > 1:
+        index = {
+            "metadata": {"total_size": sum(w[2] for w in written)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    tok_dir = megatron_dir / TOKENIZER_SUBDIR
+    if tok_dir.is_dir():
+        for f in sorted(tok_dir.iterdir()):
+            shutil.copy2(f, tmp / f.name)
+    (tmp / "c2f_provenance.json").write_text(
+        json.dumps(
+            {
+                "converted_from": str(megatron_dir.resolve()),
+                "provenance": meta.provenance,
+                "tokenizer": meta.tokenizer,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
+
+
+def _is_global_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,342 @@
+"""Hugging Face Mistral <-> megatron-core layout: config translation, tensor names and tensor layouts.
+
+Pure functions only (no I/O, no distributed state) so each layout fact is unit-tested against a slow
+reference. The facts converters get wrong most often, and how megatron lays them out:
+
+- fused QKV is grouped per query group: ``[q heads of group g; k_g; v_g] for g in groups``; a TP rank holds
+  the contiguous block of its groups, so the global tensor is the concatenation of the rank shards;
+- ``linear_fc1`` is ``[gate; up]`` globally (megatron's swiglu sharded factory stores the two halves at
+  separate offsets) while each TP rank holds ``[gate_r; up_r]``;
+- the vocab is padded to a multiple of ``make_vocab_size_divisible_by * TP`` with zero rows, trimmed again
+  on export;
+- the TE spec fuses the norms into ``linear_qkv.layer_norm_weight`` and ``linear_fc1.layer_norm_weight``;
+- HF ``sliding_window=W`` is megatron ``window_size=(W-1, 0)`` (``ModelConfig.window_size`` does that).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from c2f_megatron.checkpoint.megatron_dir import CheckpointError
+from c2f_megatron.models.config import DTYPES, ModelConfig
+
+HF_ARCHITECTURE = "MistralForCausalLM"
+HF_MODEL_TYPE = "mistral"
+HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+MEGATRON_TO_HF_DTYPE = {v: k for k, v in HF_DTYPE_NAMES.items()}
+
+# How a tensor is split over tensor-parallel ranks (and, for fused ones, how HF tensors combine).
+Kind = Literal["replicated", "column", "row", "qkv", "fc1", "vocab"]
+
+
+class ConversionError(CheckpointError):
+    """An input the converter refuses, with the file and the field or tensor named."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def model_config_from_hf(hf: dict[str, Any], source: str, params_dtype: str | None = None) -> ModelConfig:
+    """``ModelConfig`` of an HF ``config.json`` dict; anything that is not a plain Mistral is refused.
+
+    ``source`` names the file in errors. ``params_dtype`` (fp32/bf16/fp16) defaults to the HF dtype.
+    """
+
+    def fail(field: str, problem: str) -> ConversionError:
+        return ConversionError(f"{source}: field '{field}' {problem}")
+
+    archs = hf.get("architectures")
+    if archs != [HF_ARCHITECTURE]:
+        raise fail("architectures", f"is {archs!r}; only [{HF_ARCHITECTURE!r}] is supported")
+    if hf.get("model_type") != HF_MODEL_TYPE:
+        raise fail("model_type", f"is {hf.get('model_type')!r}; only {HF_MODEL_TYPE!r} is supported")
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
+        if not isinstance(hf.get(field), int) or hf[field] < 1:
+            raise fail(field, f"must be a positive integer, got {hf.get(field)!r}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise fail("hidden_act", f"is {hf['hidden_act']!r}; Mistral uses 'silu'")
+    if hf.get("tie_word_embeddings", False):
+        raise fail("tie_word_embeddings", "is true; Mistral has separate input and output embeddings")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise fail(field, "is true; Mistral has no biases")
+    heads = hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads") or heads
+    if heads % groups:
+        raise fail("num_key_value_heads", f"{groups} does not divide num_attention_heads {heads}")
+    if hf["hidden_size"] % heads:
+        raise fail("hidden_size", f"{hf['hidden_size']} is not divisible by num_attention_heads {heads}")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != hf["hidden_size"] // heads:
+        raise fail(
+            "head_dim",
+            f"is {head_dim}; only hidden_size / num_attention_heads = "
+            f"{hf['hidden_size'] // heads} is supported",
+        )
+    rope_theta, rope_type = _rope(hf, fail)
+    if rope_type not in (None, "default"):
+        raise fail("rope_scaling", f"rope type {rope_type!r} is not supported (plain RoPE only)")
+    window = hf.get("sliding_window")
+    if hf.get("use_sliding_window") is False:
+        window = None
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise fail("sliding_window", f"must be a positive integer or null, got {window!r}")
+    if params_dtype is None:
+        hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        if hf_dtype not in HF_DTYPE_NAMES:
+            raise fail("torch_dtype", f"is {hf_dtype!r}; expected one of {sorted(HF_DTYPE_NAMES)}")
+        params_dtype = HF_DTYPE_NAMES[hf_dtype]
+    if params_dtype not in DTYPES:
+        raise ConversionError(f"dtype {params_dtype!r} is not one of {sorted(DTYPES)}")
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        rotary_base=float(rope_theta),
+        sliding_window=window,
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+        untie_embeddings_and_output_weights=True,
+        params_dtype=params_dtype,  # type: ignore[arg-type]
+        layer_spec="auto",
+    )
+
+
+def _rope(hf: dict[str, Any], fail) -> tuple[float, str | None]:
+    """RoPE base and type from transformers 4 (``rope_theta``/``rope_scaling``) or 5 (``rope_parameters``)."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"]), params.get("rope_type")
+    scaling = hf.get("rope_scaling")
+    rope_type = None
+    if isinstance(scaling, dict):
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+    elif scaling is not None:
+        raise fail("rope_scaling", f"must be null or an object, got {scaling!r}")
+    theta = hf.get("rope_theta", 10000.0)
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise fail("rope_theta", f"must be a positive number, got {theta!r}")
+    return float(theta), rope_type
+
+
+def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    """The ``config.json`` of ``MistralForCausalLM`` for a ``ModelConfig``; transformers 4 and 5 read it."""
+    if not cfg.untie_embeddings_and_output_weights:
+        raise ConversionError(
+            "model field 'untie_embeddings_and_output_weights' is false; HF Mistral is untied"
+        )
+    return {
+        "architectures": [HF_ARCHITECTURE],
+        "model_type": HF_MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.init_method_std,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "rope_parameters": {"rope_theta": cfg.rotary_base, "rope_type": "default"},
+        "sliding_window": cfg.sliding_window,
+        "attention_dropout": cfg.attention_dropout,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": MEGATRON_TO_HF_DTYPE[dtype],
+        "dtype": MEGATRON_TO_HF_DTYPE[dtype],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- names
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One megatron parameter and the HF tensor(s) it is made of (names inside a layer, or the model)."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: Kind
+
+
+def layer_rules(layer_spec: str) -> list[TensorRule]:
+    """Per-layer rules for the local/sdpa spec or the TE spec (norms fused into the linear layers)."""
+    if layer_spec == "te":
+        norm_in, norm_mlp = "self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"
+    elif layer_spec in ("local", "sdpa"):
+        norm_in, norm_mlp = "input_layernorm.weight", "pre_mlp_layernorm.weight"
+    else:
+        raise ValueError(f"layer_spec must be 'local', 'sdpa' or 'te', got {layer_spec!r}")
+    return [
+        TensorRule(norm_in, ("input_layernorm.weight",), "replicated"),
+        TensorRule(
+            "self_attention.linear_qkv.weight",
+            ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+            "qkv",
+        ),
+        TensorRule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "row"),
+        TensorRule(norm_mlp, ("post_attention_layernorm.weight",), "replicated"),
+        TensorRule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
+        TensorRule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "row"),
+    ]
+
+
+MODEL_RULES = [
+    TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+    TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
+    TensorRule("output_layer.weight", ("lm_head.weight",), "vocab"),
+]
+
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def hf_layer_name(layer: int, name: str) -> str:
+    return f"model.layers.{layer}.{name}"
+
+
+def rule_for(megatron_name: str, layer_spec: str) -> tuple[TensorRule, int | None]:
+    """The rule of a megatron parameter name and its *local* layer index (None outside the layers).
+
+    Raises ``KeyError`` naming the parameter when it has no HF counterpart.
+    """
+    match = _LAYER_NAME.match(megatron_name)
+    if match:
+        local, suffix = int(match.group(1)), match.group(2)
+        for rule in layer_rules(layer_spec):
+            if rule.megatron == suffix:
+                return rule, local
+    else:
+        for rule in MODEL_RULES:
+            if rule.megatron == megatron_name:
+                return rule, None
+    raise KeyError(
+        f"megatron parameter {megatron_name!r} has no Hugging Face Mistral counterpart ({layer_spec} spec)"
+    )
+
+
+def hf_names_of(rule: TensorRule, layer: int | None) -> list[str]:
+    return list(rule.hf) if layer is None else [hf_layer_name(layer, n) for n in rule.hf]
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of ``MistralForCausalLM`` with its shape, in HF's own order."""
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        for name, shape in (
+            ("input_layernorm.weight", (h,)),
+            ("self_attn.q_proj.weight", (q, h)),
+            ("self_attn.k_proj.weight", (kv, h)),
+            ("self_attn.v_proj.weight", (kv, h)),
+            ("self_attn.o_proj.weight", (h, q)),
+            ("post_attention_layernorm.weight", (h,)),
+            ("mlp.gate_proj.weight", (f, h)),
+            ("mlp.up_proj.weight", (f, h)),
+            ("mlp.down_proj.weight", (h, f)),
+        ):
+            shapes[hf_layer_name(i, name)] = shape
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def detect_layer_spec(megatron_names: list[str]) -> str:
+    """``te`` when norms are fused into the linear layers (TE spec), else ``local``."""
+    return "te" if any(n.endswith(".layer_norm_weight") for n in megatron_names) else "local"
+
+
+# --------------------------------------------------------------------------------------------- layouts
+
+
+def tp_range(total: int, tp: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of rank ``rank``'s equal share of ``total`` rows; ``tp`` must divide ``total``."""
+    if total % tp:
+        raise ValueError(f"tensor parallel size {tp} does not divide {total}")
+    per = total // tp
+    return rank * per, (rank + 1) * per
+
+
+def qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_groups: int) -> Tensor:
+    """Fused megatron QKV from HF q/k/v rows (global, or one TP rank's heads and groups).
+
+    Result rows: for each group g, its ``num_heads/num_groups`` query heads, then k_g, then v_g.
+    """
+    d = q.shape[0] // num_heads
+    hidden = q.shape[1:]
+    per = num_heads // num_groups
+    q = q.reshape(num_groups, per * d, *hidden)
+    k = k.reshape(num_groups, d, *hidden)
+    v = v.reshape(num_groups, d, *hidden)
+    return torch.cat([q, k, v], dim=1).reshape(num_groups * (per + 2) * d, *hidden)
+
+
+def qkv_from_megatron(qkv: Tensor, num_heads: int, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """HF q, k, v (contiguous, new tensors) from a fused megatron QKV; inverse of ``qkv_to_megatron``."""
+    per = num_heads // num_groups
+    d = qkv.shape[0] // (num_groups * (per + 2))
+    grouped = qkv.reshape(num_groups, (per + 2) * d, *qkv.shape[1:])
+    q, k, v = torch.split(grouped, [per * d, d, d], dim=1)
+    return tuple(t.reshape(-1, *qkv.shape[1:]).contiguous() for t in (q, k, v))  # type: ignore[return-value]
+
+
+def fc1_to_megatron(gate: Tensor, up: Tensor) -> Tensor:
+    """megatron ``linear_fc1`` = ``[gate; up]`` (global, or one rank's ``[gate_r; up_r]``)."""
+    return torch.cat([gate, up], dim=0)
+
+
+def fc1_from_megatron(fc1: Tensor) -> tuple[Tensor, Tensor]:
+    """``(gate, up)`` views of a ``[gate; up]`` fc1."""
+    gate, up = torch.chunk(fc1, 2, dim=0)
+    return gate, up
+
+
+def fc1_from_tp_shards(shards: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Global ``(gate, up)`` from the TP ranks' ``[gate_r; up_r]`` shards (in rank order)."""
+    halves = [fc1_from_megatron(s) for s in shards]
+    return torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])
+
+
+def pad_vocab(weight: Tensor, padded_rows: int) -> Tensor:
+    """Append zero rows up to ``padded_rows`` (megatron pads the vocab for TP divisibility)."""
+    extra = padded_rows - weight.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad a vocab of {weight.shape[0]} rows down to {padded_rows}")
+    if extra == 0:
+        return weight
+    return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])])
+
+
+def trim_vocab(weight: Tensor, vocab_size: int) -> Tensor:
+    """The first ``vocab_size`` rows (a view): padding rows are dropped on export."""
+    if weight.shape[0] < vocab_size:
+        raise ValueError(f"embedding has {weight.shape[0]} rows, fewer than the vocab size {vocab_size}")
+    return weight[:vocab_size]
+
+
+def vocab_rows_for_rank(vocab_size: int, padded: int, tp: int, rank: int) -> tuple[int, int, int]:
+    """For a rank's slice of the padded vocab: (first HF row, HF rows to copy, zero rows after them)."""
+    start, stop = tp_range(padded, tp, rank)
+    real_stop = min(stop, vocab_size)
+    real = max(real_stop - start, 0)
+    return min(start, vocab_size), real, (stop - start) - real
