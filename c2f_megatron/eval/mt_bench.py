@@ -1,0 +1,525 @@
+"""MT-Bench: two-turn answers, FastChat judge requests, an OpenAI-compatible judge client and the scores.
+
+The judge requests follow FastChat's ``llm_judge`` exactly (judge prompt names, template fields, reference
+answers for math/reasoning/coding, system prompt, temperature 0, ``[[rating]]`` / ``[[A]]`` parsing, pairwise
+games played in both orders) so that our numbers are comparable with published MT-Bench scores; only the
+HTTP client is our own, written on the standard library so evaluation needs no extra dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+# The categories of MT-Bench (and the axes of the paper's Figure 3), in that order.
+CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+# FastChat's NEED_REF_CATS: judged with the reference-guided "math" prompts and GPT-4 reference answers.
+NEED_REF_CATS = frozenset({"math", "reasoning", "coding"})
+
+_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+_SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+
+Verdict = Literal["A", "B", "tie", "error"]
+Winner = Literal["model_a", "model_b", "tie", "error"]
+Answers = dict[int, tuple[str, str]]
+
+
+class MTBenchDataError(ValueError):
+    """An MT-Bench file is missing or malformed; the message names the file and the field."""
+
+
+class JudgeAPIError(RuntimeError):
+    """The judge endpoint could not be used (bad key, bad URL, repeated server errors)."""
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int
+    category: str
+    turns: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    name: str
+    type: Literal["single", "pairwise"]
+    system_prompt: str
+    prompt_template: str
+    output_format: str
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    """One call to the judge: what FastChat sends for (question, turn, answer(s))."""
+
+    question_id: int
+    category: str
+    turn: int
+    judge_name: str
+    system_prompt: str
+    user_prompt: str
+
+    def messages(self) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": self.user_prompt},
+        ]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise MTBenchDataError(f"{path}: file not found")
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise MTBenchDataError(f"{path}:{lineno}: invalid JSON ({e})") from e
+    return rows
+
+
+def _get(row: dict[str, Any], key: str, where: str) -> Any:
+    if key not in row:
+        raise MTBenchDataError(f"{where}: missing field {key!r}")
+    return row[key]
+
+
+def load_questions(path: Path | str) -> list[Question]:
+    """question.jsonl: question_id, category, turns (2 user prompts)."""
+    path = Path(path)
+    out = []
+    for k, r in enumerate(_read_jsonl(path), 1):
+        where = f"{path}:{k}"
+        turns = _get(r, "turns", where)
+        if not isinstance(turns, list) or len(turns) != 2:
+            raise MTBenchDataError(f"{where}: field 'turns' must be a list of 2 prompts")
+        out.append(
+            Question(
+                int(_get(r, "question_id", where)), str(_get(r, "category", where)), (turns[0], turns[1])
+            )
+        )
+    return out
+
+
+def load_reference_answers(path: Path | str) -> Answers:
+    """reference_answer/gpt-4.jsonl -> {question_id: (turn-1 answer, turn-2 answer)} (FastChat uses choice 0)."""
+    path = Path(path)
+    out: Answers = {}
+    for k, r in enumerate(_read_jsonl(path), 1):
+        where = f"{path}:{k}"
+        choices = _get(r, "choices", where)
+        if not choices or len(_get(choices[0], "turns", f"{where} choices[0]")) < 2:
+            raise MTBenchDataError(f"{where}: field 'choices[0].turns' must hold 2 answers")
+        out[int(_get(r, "question_id", where))] = (choices[0]["turns"][0], choices[0]["turns"][1])
+    return out
+
+
+def load_judge_prompts(path: Path | str) -> dict[str, JudgePrompt]:
+    """judge_prompts.jsonl -> {name: JudgePrompt}."""
+    path = Path(path)
+    out = {}
+    for k, r in enumerate(_read_jsonl(path), 1):
+        where = f"{path}:{k}"
+        name = _get(r, "name", where)
+        out[name] = JudgePrompt(
+            name,
+            _get(r, "type", where),
+            _get(r, "system_prompt", where),
+            _get(r, "prompt_template", where),
+            _get(r, "output_format", where),
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- requests
+
+
+def judge_name(kind: Literal["single", "pairwise"], category: str, turn: int) -> str:
+    """FastChat's choice of judge prompt: math variant for NEED_REF_CATS, multi-turn variant for turn 2."""
+    if turn not in (1, 2):
+        raise ValueError(f"MT-Bench turn must be 1 or 2, got {turn}")
+    math = category in NEED_REF_CATS
+    if kind == "single":
+        base = "single-math-v1" if math else "single-v1"
+    else:
+        base = "pair-math-v1" if math else "pair-v2"
+    return base + ("-multi-turn" if turn == 2 else "")
+
+
+def _reference_kwargs(question: Question, references: Answers, turn: int) -> dict[str, str]:
+    if question.category not in NEED_REF_CATS:
+        return {}
+    if question.question_id not in references:
+        raise MTBenchDataError(
+            f"question {question.question_id} ({question.category}) needs a reference answer; "
+            "none in the reference_answer file"
+        )
+    ref = references[question.question_id]
+    return {"ref_answer_1": ref[0], **({"ref_answer_2": ref[1]} if turn == 2 else {})}
+
+
+def _prompt(prompts: dict[str, JudgePrompt], name: str) -> JudgePrompt:
+    if name not in prompts:
+        raise MTBenchDataError(f"judge prompt {name!r} not found in judge_prompts.jsonl")
+    return prompts[name]
+
+
+def build_single_request(
+    question: Question,
+    answer: tuple[str, str],
+    prompts: dict[str, JudgePrompt],
+    references: Answers,
+    turn: int,
+) -> JudgeRequest:
+    """The single-answer grading request for one turn (FastChat ``run_judge_single``)."""
+    name = judge_name("single", question.category, turn)
+    jp = _prompt(prompts, name)
+    kwargs = _reference_kwargs(question, references, turn)
+    if turn == 2:
+        user = jp.prompt_template.format(
+            question_1=question.turns[0],
+            question_2=question.turns[1],
+            answer_1=answer[0],
+            answer_2=answer[1],
+            **kwargs,
+        )
+    else:
+        user = jp.prompt_template.format(question=question.turns[0], answer=answer[0], **kwargs)
+    return JudgeRequest(question.question_id, question.category, turn, name, jp.system_prompt, user)
+
+
+def build_pair_request(
+    question: Question,
+    answer_a: tuple[str, str],
+    answer_b: tuple[str, str],
+    prompts: dict[str, JudgePrompt],
+    references: Answers,
+    turn: int,
+) -> JudgeRequest:
+    """The pairwise comparison request for one turn, A first (FastChat ``run_judge_pair``)."""
+    name = judge_name("pairwise", question.category, turn)
+    jp = _prompt(prompts, name)
+    kwargs = _reference_kwargs(question, references, turn)
+    if turn == 2:
+        user = jp.prompt_template.format(
+            question_1=question.turns[0],
+            question_2=question.turns[1],
+            answer_a_1=answer_a[0],
+            answer_b_1=answer_b[0],
+            answer_a_2=answer_a[1],
+            answer_b_2=answer_b[1],
+            **kwargs,
+        )
+    else:
+        user = jp.prompt_template.format(
+            question=question.turns[0], answer_a=answer_a[0], answer_b=answer_b[0], **kwargs
+        )
+    return JudgeRequest(question.question_id, question.category, turn, name, jp.system_prompt, user)
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def parse_rating(judgment: str) -> float | None:
+    """The "[[x]]" rating (FastChat falls back to "[x]"); None when the judge gave none."""
+    match = _SCORE.search(judgment) or _SCORE_BACKUP.search(judgment)
+    if not match:
+        return None
+    return float(ast.literal_eval(match.group(1)))
+
+
+def parse_verdict(judgment: str) -> Verdict:
+    """ "[[A]]", "[[B]]" or "[[C]]" (tie), checked in that order as FastChat does."""
+    if "[[A]]" in judgment:
+        return "A"
+    if "[[B]]" in judgment:
+        return "B"
+    if "[[C]]" in judgment:
+        return "tie"
+    return "error"
+
+
+def combine_games(g1: Verdict, g2: Verdict) -> Winner:
+    """Game 1 shows (model_a, model_b), game 2 the swapped order; only a consistent verdict wins.
+
+    Inconsistent verdicts count as a tie (FastChat's show_result); an unparsable game makes the pair an error.
+    """
+    if g1 == "error" or g2 == "error":
+        return "error"
+    w1 = {"A": "model_a", "B": "model_b", "tie": "tie"}[g1]
+    w2 = {"A": "model_b", "B": "model_a", "tie": "tie"}[g2]
+    return w1 if w1 == w2 else "tie"
+
+
+# ----------------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class JudgeClientConfig:
+    """Where and how to call the judge. The key comes from ``api_key`` or the ``api_key_env`` variable; with
+    neither, no Authorization header is sent (local servers)."""
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4"
+    api_key: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float = 0.0
+    max_tokens: int = 2048
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    backoff_s: float = 2.0
+
+
+class OpenAIChatClient:
+    """POST {base_url}/chat/completions with retries (429, 5xx, network errors) and exponential backoff."""
+
+    def __init__(self, config: JudgeClientConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self._sleep = sleep
+
+    def _api_key(self) -> str | None:
+        return self.config.api_key or os.environ.get(self.config.api_key_env) or None
+
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        cfg = self.config
+        url = cfg.base_url.rstrip("/") + "/chat/completions"
+        body = {
+            "model": cfg.model,
+            "messages": messages,
+            "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens,
+        }
+        headers = {"Content-Type": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        last_error = ""
+        for attempt in range(cfg.max_retries + 1):
+            if attempt:
+                self._sleep(cfg.backoff_s * 2 ** (attempt - 1))
+            req = urllib.request.Request(
+                url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
+                    payload = json.loads(resp.read().decode("utf-8"))
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode("utf-8", "replace")[:500]
+                if e.code in (401, 403):
+                    raise JudgeAPIError(
+                        f"judge endpoint {url} refused the request (HTTP {e.code}): check the API key "
+                        f"(config api_key or ${cfg.api_key_env}; key {'set' if key else 'not set'}). {detail}"
+                    ) from e
+                if e.code != 429 and e.code < 500:
+                    raise JudgeAPIError(
+                        f"judge endpoint {url}: HTTP {e.code} for model {cfg.model!r}: {detail}"
+                    ) from e
+                last_error = f"HTTP {e.code}: {detail}"
+                continue
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last_error = f"{type(e).__name__}: {e}"
+                continue
+            except json.JSONDecodeError as e:
+                last_error = f"response is not JSON ({e})"
+                continue
+            try:
+                return payload["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError) as e:
+                raise JudgeAPIError(
+                    f"judge endpoint {url}: no choices[0].message.content in {str(payload)[:300]}"
+                ) from e
+        raise JudgeAPIError(
+            f"judge endpoint {url}: failed after {cfg.max_retries + 1} attempts; last error: {last_error}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- judging
+
+
+@dataclass(frozen=True)
+class SingleJudgment:
+    question_id: int
+    category: str
+    turn: int
+    judge_name: str
+    score: float | None
+    judgment: str
+
+
+@dataclass(frozen=True)
+class PairJudgment:
+    question_id: int
+    category: str
+    turn: int
+    judge_name: str
+    g1: Verdict
+    g2: Verdict
+    winner: Winner
+    judgments: tuple[str, str]
+
+
+def _map(fn: Callable[[Any], Any], items: Sequence[Any], max_workers: int) -> list[Any]:
+    if max_workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _answer(answers: Answers, qid: int, who: str) -> tuple[str, str]:
+    if qid not in answers:
+        raise MTBenchDataError(f"no {who} answer for question {qid}")
+    return answers[qid]
+
+
+def judge_single(
+    questions: Sequence[Question],
+    answers: Answers,
+    client: OpenAIChatClient,
+    prompts: dict[str, JudgePrompt],
+    references: Answers,
+    turns: Sequence[int] = (1, 2),
+    max_workers: int = 1,
+) -> list[SingleJudgment]:
+    """Grade every (question, turn) 1-10; a missing rating is kept as ``score=None`` (FastChat's -1)."""
+    requests = [
+        build_single_request(q, _answer(answers, q.question_id, "model"), prompts, references, t)
+        for q in questions
+        for t in turns
+    ]
+
+    def run(r: JudgeRequest) -> SingleJudgment:
+        text = client.complete(r.messages())
+        return SingleJudgment(r.question_id, r.category, r.turn, r.judge_name, parse_rating(text), text)
+
+    return _map(run, requests, max_workers)
+
+
+def judge_pairwise(
+    questions: Sequence[Question],
+    answers_a: Answers,
+    answers_b: Answers,
+    client: OpenAIChatClient,
+    prompts: dict[str, JudgePrompt],
+    references: Answers,
+    turns: Sequence[int] = (1, 2),
+    max_workers: int = 1,
+) -> list[PairJudgment]:
+    """Compare model A with model B (e.g. the baseline) per (question, turn), in both presentation orders."""
+    jobs = []
+    for q in questions:
+        a, b = _answer(answers_a, q.question_id, "model A"), _answer(answers_b, q.question_id, "model B")
+        for t in turns:
+            jobs.append(
+                (
+                    build_pair_request(q, a, b, prompts, references, t),
+                    build_pair_request(q, b, a, prompts, references, t),
+                )
+            )
+
+    def run(pair: tuple[JudgeRequest, JudgeRequest]) -> PairJudgment:
+        r1, r2 = pair
+        t1, t2 = client.complete(r1.messages()), client.complete(r2.messages())
+        g1, g2 = parse_verdict(t1), parse_verdict(t2)
+        return PairJudgment(
+            r1.question_id, r1.category, r1.turn, r1.judge_name, g1, g2, combine_games(g1, g2), (t1, t2)
+        )
+
+    return _map(run, jobs, max_workers)
+
+
+# ----------------------------------------------------------------------------------------------- scores
+
+
+@dataclass(frozen=True)
+class MTBenchScores:
+    """Mean judge scores (errors excluded): per category (both turns), per turn, per (category, turn)."""
+
+    overall: float
+    per_turn: dict[int, float]
+    per_category: dict[str, float]
+    per_category_turn: dict[tuple[str, int], float]
+    n_scored: int
+    n_errors: int
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def aggregate_single(judgments: Sequence[SingleJudgment]) -> MTBenchScores:
+    """Averages as in FastChat's show_result and the paper's Figure 3 (category order from ``CATEGORIES``)."""
+    scored = [j for j in judgments if j.score is not None]
+    cats = [c for c in CATEGORIES if any(j.category == c for j in judgments)]
+    cats += sorted({j.category for j in judgments} - set(CATEGORIES))
+    turns = sorted({j.turn for j in judgments})
+    return MTBenchScores(
+        overall=_mean([j.score for j in scored]),
+        per_turn={t: _mean([j.score for j in scored if j.turn == t]) for t in turns},
+        per_category={c: _mean([j.score for j in scored if j.category == c]) for c in cats},
+        per_category_turn={
+            (c, t): _mean([j.score for j in scored if j.category == c and j.turn == t])
+            for c in cats
+            for t in turns
+        },
+        n_scored=len(scored),
+        n_errors=len(judgments) - len(scored),
+    )
+
+
+@dataclass(frozen=True)
+class PairSummary:
+    """Counts for model A; ``win_rate`` = wins / decided pairs, ``win_rate_adjusted`` counts ties as half."""
+
+    wins: int
+    losses: int
+    ties: int
+    errors: int
+    win_rate: float
+    win_rate_adjusted: float
+
+
+def aggregate_pairwise(judgments: Sequence[PairJudgment], category: str | None = None) -> PairSummary:
+    js = [j for j in judgments if category is None or j.category == category]
+    wins = sum(j.winner == "model_a" for j in js)
+    losses = sum(j.winner == "model_b" for j in js)
+    ties = sum(j.winner == "tie" for j in js)
+    total = wins + losses + ties
+    return PairSummary(
+        wins,
+        losses,
+        ties,
+        len(js) - total,
+        wins / total if total else float("nan"),
+        (wins + 0.5 * ties) / total if total else float("nan"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- answers
+
+
+def generate_answers(
+    questions: Sequence[Question], respond: Callable[[list[dict[str, str]]], str]
+) -> Answers:
+    """Two-turn answers: ``respond`` gets the chat so far (OpenAI-style messages) and returns the reply; the
+    second turn sees the first question, the model's own first answer and the second question."""
+    out: Answers = {}
+    for q in questions:
+        chat = [{"role": "user", "content": q.turns[0]}]
+        first = respond(list(chat))
+        chat += [{"role": "assistant", "content": first}, {"role": "user", "content": q.turns[1]}]
+        out[q.question_id] = (first, respond(list(chat)))
+    return out
