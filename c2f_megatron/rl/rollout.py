@@ -1,0 +1,334 @@
+"""Rollout worker: KV-cached generation from the Megatron actor for left-padded prompt batches, TP/PP-aware.
+
+Why not megatron's ``StaticInferenceEngine`` / ``TextGenerationController``: its static batch pads prompts
+on the *right* and overwrites the pad slots token by token, has no hook to suppress ids at every step (the
+coarse actor must never emit EOS), and treats top-k and top-p as exclusive. So we drive the model with
+megatron's own pieces instead: ``GPTInferenceWrapper.run_one_forward_step`` (the forward with its
+``StaticInferenceContext`` KV cache, logits gathered over TP, activations sent between pipeline stages) and
+``broadcast_from_last_pipeline_stage`` (the sampled tokens to every stage); sampling is ``rl.sampling``.
+
+Layout and positions (the PPO trainer must use the same for its log-prob forward): ``RolloutBatch.tokens``
+is ``[left pad | prompt | response | right pad]`` with the prompt block ``P`` wide. RoPE positions are the
+slot indices 0..P+R-1 (megatron's RoPE ignores ``position_ids``), so real tokens are shifted by their row's
+pad count; RoPE is relative, so this changes attention only by float rounding. The mask is causal plus
+"key is padding" (``RolloutBatch.attention_mask()``). A full forward of ``tokens`` with that mask gives,
+at slot ``P + j - 1``, the logits the sampler used for response token ``j``.
+
+Parallel layout: every TP rank holds the gathered logits and the same seeded generator, so all draw the
+same token; TP rank 0's token is broadcast anyway so the ranks cannot drift. With PP the last stage samples
+and broadcasts tokens and log-probs to the other stages. Interleaved (virtual) pipelines, sequence
+parallelism and the Transformer Engine attention (it ignores an explicit padding mask under a causal mask
+type) are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from c2f_megatron.rl.sampling import process_logits, sample_tokens
+
+
+@dataclass
+class GenerationConfig:
+    """How one rollout batch is sampled; rebuild (``dataclasses.replace``) each PPO iteration to change
+    ``max_new_tokens`` as the length controller asks.
+
+    ``suppress_ids`` can never be sampled (coarse mode: EOS and the configured stop ids, so the draft runs
+    to ``max_new_tokens``); ``stop_ids`` end a sequence when sampled (fine mode), the stop token included
+    in the response. Trailing ids of either list are stripped from the prompts before generation.
+    ``seed`` is offset by the data-parallel rank so that DP replicas draw different samples.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    suppress_ids: list[int] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)
+    pad_id: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            problems.append(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        both = sorted(set(self.suppress_ids) & set(self.stop_ids))
+        if both:
+            problems.append(f"ids {both} are both suppressed and stop ids: a suppressed id can never stop")
+        if problems:
+            raise ValueError("invalid generation config: " + "; ".join(problems))
+
+
+def coarse_generation_config(
+    eos_id: int, pad_id: int, max_new_tokens: int, extra_stop_ids: tuple[int, ...] = (), **kwargs
+) -> GenerationConfig:
+    """Coarse actor (paper, stage 1): EOS and the stop ids are suppressed, so every draft is cut only by
+    the length controller's ``max_new_tokens``."""
+    return GenerationConfig(max_new_tokens, suppress_ids=[eos_id, *extra_stop_ids], pad_id=pad_id, **kwargs)
+
+
+def fine_generation_config(
+    eos_id: int, pad_id: int, max_new_tokens: int, extra_stop_ids: tuple[int, ...] = (), **kwargs
+) -> GenerationConfig:
+    """Fine actor / evaluation: a sequence ends at EOS or at any extra stop id."""
+    return GenerationConfig(max_new_tokens, stop_ids=[eos_id, *extra_stop_ids], pad_id=pad_id, **kwargs)
+
+
+@dataclass
+class RolloutBatch:
+    """What the rollout hands to the PPO experience maker; identical on every TP/PP rank.
+
+    ``tokens`` [b, P+R] long: left-padded prompts (P = longest prompt) then responses right-padded with
+    ``pad_id``; ``prompt_mask`` [b, P] bool: real prompt tokens; ``response_mask`` [b, R] bool: generated
+    tokens up to and including the stop token; ``response_lengths`` [b] long; ``hit_limit`` [b] bool: the
+    sequence was cut by ``max_new_tokens`` (never sampled a stop id; always true in coarse mode);
+    ``logprobs`` [b, R] float32: log-prob of each sampled token under the distribution it was drawn from
+    (after suppression, temperature, top-k/top-p; greedy: suppression only), 0 outside ``response_mask``.
+    """
+
+    tokens: Tensor
+    prompt_mask: Tensor
+    response_mask: Tensor
+    response_lengths: Tensor
+    hit_limit: Tensor
+    logprobs: Tensor
+
+    @property
+    def prompt_width(self) -> int:
+        """P: the response of every row starts at this column of ``tokens``."""
+        return self.prompt_mask.shape[1]
+
+    @property
+    def responses(self) -> Tensor:
+        """[b, R] response block of ``tokens`` (pad after each response ends)."""
+        return self.tokens[:, self.prompt_width :]
+
+    def sequence_mask(self) -> Tensor:
+        """[b, P+R] bool: real (prompt or response) tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def attention_mask(self) -> Tensor:
+        """[b, 1, S, S] bool, True = masked: causal plus padding keys; the mask the sampler used."""
+        return padded_causal_mask(~self.sequence_mask())
+
+    def response_ids(self) -> list[list[int]]:
+        """Each row's response ids (stop token included, if any), e.g. for decoding and the reward model."""
+        return [row[:n].tolist() for row, n in zip(self.responses, self.response_lengths.tolist())]
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        return RolloutBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def padded_causal_mask(key_is_pad: Tensor, query_start: int = 0, query_end: int | None = None) -> Tensor:
+    """Megatron's boolean mask (True = masked) [b, 1, q, k] for queries ``query_start:query_end`` over
+    keys ``0:query_end`` of a left-padded batch: a query sees itself and earlier non-padding slots."""
+    end = key_is_pad.shape[1] if query_end is None else query_end
+    q = torch.arange(query_start, end, device=key_is_pad.device)
+    k = torch.arange(end, device=key_is_pad.device)
+    future = k[None, :] > q[:, None]  # [q, k]
+    return future[None, None] | key_is_pad[:, None, None, :end]
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    from megatron.core.utils import get_model_config
+
+    if isinstance(model, (list, tuple)):
+        raise ValueError(
+            "generate() needs one model chunk; interleaved (virtual) pipeline models are not supported for "
+            "rollout: build the actor without virtual_pipeline_model_parallel_size"
+        )
+    config = get_model_config(model)
+    if config.sequence_parallel:
+        raise ValueError("generate() does not support sequence_parallel=True (megatron's static inference)")
+    for name, module in model.named_modules():
+        if name.endswith("core_attention") and "transformer_engine" in type(module).__module__:
+            raise ValueError(
+                "generate() needs the 'sdpa' or 'local' layer spec: Transformer Engine attention ignores the "
+                "left-padding mask under a causal mask type, which would corrupt padded rows"
+            )
+
+
+def _max_sequence_length(model: torch.nn.Module) -> int:
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return int(get_attr_wrapped_model(model, "max_sequence_length"))
+
+
+def _left_pad(
+    prompts: list[list[int]], pad_id: int, width: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for i, ids in enumerate(prompts):
+        if ids:
+            tokens[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long, device=device)
+            real[i, width - len(ids) :] = True
+    return tokens, real
+
+
+def _strip_trailing(ids: list[int], drop: set[int]) -> list[int]:
+    end = len(ids)
+    while end and ids[end - 1] in drop:
+        end -= 1
+    return list(ids[:end])
+
+
+def _make_wrapper(model: torch.nn.Module, batch: int, max_len: int, padded_vocab: int):
+    """megatron's GPT inference wrapper over a fresh static KV cache for ``batch`` x ``max_len``."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
+        GPTInferenceWrapper,
+    )
+    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
+        InferenceWrapperConfig,
+    )
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    wrapper_config = InferenceWrapperConfig(
+        hidden_size=config.hidden_size,
+        params_dtype=config.params_dtype,
+        inference_batch_times_seqlen_threshold=-1,  # whole batch per stage: no micro-batching
+        padded_vocab_size=padded_vocab,
+        inference_max_requests=batch,
+        inference_max_seq_length=max_len,
+    )
+    context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
+    wrapper = GPTInferenceWrapper(model, wrapper_config, context)
+    wrapper.prep_model_for_inference()  # eval mode, cache offsets reset
+    return wrapper
+
+
+def _padded_vocab_size(model: torch.nn.Module) -> int:
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return int(get_attr_wrapped_model(model, "vocab_size"))
+
+
+def _share_from_last_stage(values: Tensor | None, size: list[int], dtype: torch.dtype) -> Tensor:
+    """Sampled values from the last pipeline stage to all stages, then TP rank 0's copy to its TP group."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        values = broadcast_from_last_pipeline_stage(size, dtype, values)
+    assert values is not None
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            values,
+            src=ps.get_tensor_model_parallel_src_rank(),
+            group=ps.get_tensor_model_parallel_group(),
+        )
+    return values
+
+
+def _sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+    from megatron.core import parallel_state as ps
+
+    dp_rank = ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    return torch.Generator(device=device).manual_seed(seed + dp_rank)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module, prompts: list[list[int]], gen_cfg: GenerationConfig, true_vocab_size: int
+) -> RolloutBatch:
+    """Sample up to ``gen_cfg.max_new_tokens`` tokens for each prompt with a KV cache; call on every rank
+    of the model's TP/PP group with the same prompts. The model's train/eval mode is restored after."""
+    from megatron.core import parallel_state as ps
+
+    _check_supported(model)
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    drop = set(gen_cfg.suppress_ids) | set(gen_cfg.stop_ids)
+    prompts = [_strip_trailing(list(p), drop) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty (after stripping trailing stop/suppressed ids)")
+        if min(p) < 0 or max(p) >= true_vocab_size:
+            raise ValueError(f"prompt {i} has ids outside [0, {true_vocab_size})")
+    device = next(model.parameters()).device
+    b, width, new = len(prompts), max(len(p) for p in prompts), gen_cfg.max_new_tokens
+    total = width + new
+    if total > _max_sequence_length(model):
+        raise ValueError(
+            f"longest prompt ({width}) + max_new_tokens ({new}) = {total} exceeds the model's "
+            f"max_position_embeddings ({_max_sequence_length(model)})"
+        )
+
+    prompt_tokens, prompt_mask = _left_pad(prompts, gen_cfg.pad_id, width, device)
+    tokens = torch.full((b, total), gen_cfg.pad_id, dtype=torch.long, device=device)
+    tokens[:, :width] = prompt_tokens
+    key_is_pad = torch.zeros((b, total), dtype=torch.bool, device=device)
+    key_is_pad[:, :width] = ~prompt_mask
+    positions = torch.arange(total, device=device).unsqueeze(0).expand(b, total)
+    stop_ids = torch.tensor(gen_cfg.stop_ids, dtype=torch.long, device=device)
+
+    was_training = model.training
+    wrapper = _make_wrapper(model, b, total, _padded_vocab_size(model))
+    generator = _sampling_generator(gen_cfg.seed, device)
+    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
+    logprobs = torch.zeros((b, new), dtype=torch.float32, device=device)
+    start, end = 0, width  # prefill the whole prompt block, then one slot per step
+    try:
+        for step in range(new):
+            logits = wrapper.run_one_forward_step(
+                {
+                    "tokens": tokens[:, start:end],
+                    "position_ids": positions[:, start:end],
+                    "attention_mask": padded_causal_mask(key_is_pad, start, end),
+                }
+            )
+            sampled = None
+            if last_stage:
+                processed = process_logits(
+                    logits[:, -1, :],
+                    true_vocab_size,
+                    gen_cfg.suppress_ids,
+                    gen_cfg.temperature,
+                    gen_cfg.top_k,
+                    gen_cfg.top_p,
+                    gen_cfg.greedy,
+                )
+                next_tokens, next_logprobs = sample_tokens(processed, gen_cfg.greedy, generator)
+                # one float64 message per step: token ids (< 2**53, exact) and their log-probs
+                sampled = torch.stack([next_tokens.double(), next_logprobs.double()])
+            sampled = _share_from_last_stage(sampled, [2, b], torch.float64)
+            next_tokens, next_logprobs = sampled[0].long(), sampled[1].float()
+
+            active = ~done
+            tokens[:, end] = torch.where(active, next_tokens, gen_cfg.pad_id)
+            logprobs[:, step] = torch.where(active, next_logprobs, 0.0)
+            lengths += active.long()
+            done |= active & torch.isin(next_tokens, stop_ids)
+            if step == 0:
+                wrapper.inference_context.enable_decode_mode()
+            start, end = end, end + 1
+            if bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+
+    steps = torch.arange(new, device=device)
+    response_mask = steps[None, :] < lengths[:, None]
+    return RolloutBatch(
+        tokens=tokens,
+        prompt_mask=prompt_mask,
+        response_mask=response_mask,
+        response_lengths=lengths,
+        hit_limit=~done,
+        logprobs=logprobs,
+    )
