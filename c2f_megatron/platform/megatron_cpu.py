@@ -314,6 +314,13 @@ def apply(cpu: bool | None = None, only: tuple[str, ...] | None = None) -> list[
                 fix()
                 _APPLIED.add(name)
                 applied.append(name)
+    if (only is None or "adam_fallback" in only) and "adam_fallback" not in _APPLIED:
+        # Items 11-13 (+ the fp32 dp_reshardable load): on CPU and on any GPU without TE / apex FusedAdam.
+        from c2f_megatron.platform import adam_fallback  # it imports this module: no top-level import
+
+        if adam_fallback.apply():
+            applied.append("adam_fallback")
+        _APPLIED.add("adam_fallback")
     if applied:
         logger.debug("megatron CPU redirections applied: %s", ", ".join(applied))
     return applied

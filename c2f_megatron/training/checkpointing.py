@@ -244,20 +244,23 @@ def _check_optimizer_resumable(optimizer: Any) -> None:
     """Refuse the one resume path known to be wrong rather than diverge silently.
 
     megatron-core 0.16.1's DistributedOptimizer on the torch-Adam fallback (no Transformer Engine, no apex:
-    every CPU and some GPUs) loses Adam's per-parameter ``step`` on load (items 11-13 of the CPU notes).
+    every CPU and some GPUs) restores Adam's state incorrectly unless ``platform.adam_fallback`` is applied
+    (``megatron_cpu.apply`` / ``init_distributed`` do it; items 11-13 of the CPU notes).
     """
     if optimizer is None:
         return
     from megatron.core.optimizer import distrib_optimizer
 
+    from c2f_megatron.platform import adam_fallback
+
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
-    if not distrib_optimizer.HAVE_APEX_OR_TE and any(
+    if not adam_fallback.is_applied() and any(
         isinstance(o, distrib_optimizer.DistributedOptimizer) for o in opts
     ):
         raise CheckpointError(
-            "resuming optim.use_distributed_optimizer=true needs Transformer Engine or apex FusedAdam with "
-            "megatron-core 0.16.1 (its torch-Adam fallback restores the optimizer state incorrectly); "
-            "train with optim.use_distributed_optimizer=false on this machine"
+            "resuming optim.use_distributed_optimizer=true on megatron-core 0.16.1's torch-Adam fallback "
+            "(no Transformer Engine / apex) needs c2f_megatron.platform.adam_fallback.apply() in this "
+            "process (init_distributed applies it); without it the optimizer state is restored incorrectly"
         )
 
 
@@ -285,7 +288,9 @@ def load_training_checkpoint(
                     f"{base / OPTIMIZER_SUBDIR}: missing (saved with save_optimizer: false?)"
                 )
             opt_state = optimizer_sharded_state(m.optimizer, m.chunks, sharding_type, is_loading=True)
-            m.optimizer.load_state_dict(load_dist_state(opt_state, base / OPTIMIZER_SUBDIR))
+            # no_grad: megatron's dp_reshardable loader copies into views of fp32 params in place
+            with torch.no_grad():
+                m.optimizer.load_state_dict(load_dist_state(opt_state, base / OPTIMIZER_SUBDIR))
     rng_file = ckpt / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
     if load_rng and saved.get("world_size") == _world() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
