@@ -30,6 +30,7 @@ from c2f_megatron.training.config import TrainerSections
 from c2f_megatron.training.data_order import DataOrder, epoch_of
 from c2f_megatron.training.logging import MetricsLogger
 from c2f_megatron.training.loop import StepResult, evaluate, setup_training, train_step
+from c2f_megatron.training.preemption import PreemptionHandler
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
     last_saved: Path | None = resume_dir
     consecutive_bad = 0
     tokens_per_step = train_cfg.global_batch_size * task.sequences_per_sample * train_cfg.seq_length
+    preempt = PreemptionHandler.from_env()  # SIGUSR1/SIGTERM or $C2F_PREEMPT_REQUEST: save and stop
     try:
         while state.step < train_cfg.train_steps:
             groups = order.microbatches(
@@ -223,14 +225,22 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
                 eval_metrics = run_eval(state.step)
                 metadata.extra["eval"] = {"step": state.step, **eval_metrics}  # e.g. reward mean/std for PPO
             exit_now = train_cfg.exit_after_steps is not None and state.step >= train_cfg.exit_after_steps
-            if (train_cfg.save_interval and state.step % train_cfg.save_interval == 0) or done or exit_now:
+            periodic = bool(train_cfg.save_interval) and state.step % train_cfg.save_interval == 0
+            saved_now = periodic or done or exit_now
+            if saved_now:
                 last_saved = save()
             if exit_now and not done:
                 log.message(f"exit_after_steps={train_cfg.exit_after_steps}: stopping at step {state.step}")
                 return RunResult(state.step, history, eval_metrics, last_saved)
+            if not done and preempt.should_stop():
+                last_saved = last_saved if saved_now else save()
+                preempt.mark_preempted(state.step, last_saved)
+                log.message(f"preempted ({preempt.reason()}): checkpointed and stopping at step {state.step}")
+                return RunResult(state.step, history, eval_metrics, last_saved)
         if not history:  # resumed a finished run: nothing trained, still report eval
             eval_metrics = run_eval(state.step)
     finally:
+        preempt.uninstall()
         log.close()
     return RunResult(state.step, history, eval_metrics, last_saved)
 
