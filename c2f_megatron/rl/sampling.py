@@ -13,8 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from c2f_megatron.models.gpt import mask_padded_vocab
-
 
 def suppress_ids(logits: Tensor, ids: Sequence[int], vocab_start: int = 0) -> Tensor:
     """Copy of ``logits`` with the global ids ``ids`` set to -inf (ids outside this vocab slice ignored)."""
@@ -71,9 +69,10 @@ def process_logits(
 ) -> Tensor:
     """The float32 logits whose softmax is the distribution actually sampled from.
 
-    Vocab padding and ``suppressed`` ids first, then (unless ``greedy``) temperature, top-k and top-p.
+    Vocab padding is cut off first (so draws do not depend on how far TP padded the vocab), then
+    ``suppressed`` ids, then (unless ``greedy``) temperature, top-k and top-p.
     """
-    logits = mask_padded_vocab(logits.float(), true_vocab_size)
+    logits = logits.float()[..., :true_vocab_size]
     logits = suppress_ids(logits, suppressed)
     if greedy:
         return logits

@@ -288,9 +288,7 @@ def load_training_checkpoint(
                     f"{base / OPTIMIZER_SUBDIR}: missing (saved with save_optimizer: false?)"
                 )
             opt_state = optimizer_sharded_state(m.optimizer, m.chunks, sharding_type, is_loading=True)
-            # no_grad: megatron's dp_reshardable loader copies into views of fp32 params in place
-            with torch.no_grad():
-                m.optimizer.load_state_dict(load_dist_state(opt_state, base / OPTIMIZER_SUBDIR))
+            m.optimizer.load_state_dict(load_dist_state(opt_state, base / OPTIMIZER_SUBDIR))
     rng_file = ckpt / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
     if load_rng and saved.get("world_size") == _world() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -102,8 +102,9 @@ def install(methods: Methods, scenario: str) -> dict[str, object]:
 def main(out: str, scenarios: list[str]) -> None:
     start = time.perf_counter()
     out_dir = Path(out)
+    methods = Methods()  # megatron's own methods, captured before init_distributed installs the fixes
     init_distributed(ParallelConfig())
-    methods = Methods()
+    methods.reset()  # the reference run uses stock megatron (saving a non-empty state needs no fix)
     # This worker exercises megatron's own behaviour: the trainer's refusal to resume is lifted here.
     checkpointing._check_optimizer_resumable = lambda optimizer: None
 

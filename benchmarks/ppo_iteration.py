@@ -1,0 +1,125 @@
+"""Time split of one Coarse Actor PPO iteration: rollout, scoring (actor / reference log-probs, critic values,
+reward), GAE, PPO update. Synthetic prompts and a programmatic reward by default (no data or RM needed);
+``--config`` runs any ``c2f coarse-actor`` YAML instead (e.g. with a reward model).
+
+    python benchmarks/ppo_iteration.py --preset mistral-nano                     # CPU, world of 1
+    torchrun --nproc_per_node=8 benchmarks/ppo_iteration.py --preset mistral-1b --tp 2 --batch 64 --length 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def timed(fn, *args):
+    from c2f_megatron.platform.distributed import use_cuda
+
+    if use_cuda():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args)
+    if use_cuda():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--config", default=None, help="a coarse-actor YAML (the flags below are then ignored)"
+    )
+    parser.add_argument("--preset", default="mistral-nano")
+    parser.add_argument("--layer-spec", default="sdpa", choices=["auto", "te", "sdpa", "local"])
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16, help="prompts per iteration (all DP ranks)")
+    parser.add_argument("--mini-batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--length", type=int, default=64, help="rollout length limit (max_new_tokens)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--iterations", type=int, default=2, help="the first one is warm-up; the last is reported"
+    )
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the job config")
+    args = parser.parse_args()
+
+    from megatron.core import parallel_state as ps
+
+    from c2f_megatron.config import load_config
+    from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
+    from c2f_megatron.rl.config import PPOJobConfig
+    from c2f_megatron.rl.experience import Experience, finalize, normalize_scores
+    from c2f_megatron.rl.ppo_trainer import build_workers, iteration_prompts, ppo_update
+    from c2f_megatron.rl.rollout import GenerationConfig
+
+    if args.config:
+        overrides = list(args.overrides)
+    else:
+        overrides = [
+            f"model.preset={args.preset}",
+            f"model.overrides.layer_spec={args.layer_spec}",
+            f"parallel.tensor_model_parallel_size={args.tp}",
+            f"parallel.pipeline_model_parallel_size={args.pp}",
+            f"ppo.rollout_batch_size={args.batch}",
+            f"ppo.mini_batch_size={args.mini_batch}",
+            f"ppo.micro_batch_size={args.micro_batch}",
+            f"ppo.epochs={args.epochs}",
+            "reward.kind=token_frequency",
+            "data.source=synthetic",
+            f"data.synthetic.min_len={args.prompt_len}",
+            f"data.synthetic.max_len={args.prompt_len}",
+            "logging.wandb_mode=disabled",
+            *args.overrides,
+        ]
+    cfg = load_config(PPOJobConfig, args.config, overrides)
+    init_distributed(cfg.parallel)
+    w = build_workers(cfg)
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    _, mini_rows = cfg.ppo.per_rank(dp_size)
+    length = args.length if not args.config else cfg.length.cm.initial_length
+    report = {}
+    for it in range(args.iterations):
+        prompts = iteration_prompts(w.source, it, cfg.ppo.rollout_batch_size, cfg.ppo.seed, dp_rank, dp_size)
+        gen = GenerationConfig(
+            max_new_tokens=length,
+            temperature=cfg.generation.temperature,
+            suppress_ids=list(w.actor.suppressed),
+            pad_id=w.source.pad_id,
+            seed=it,
+        )
+        t: dict[str, float] = {}
+        rollout, t["rollout"] = timed(w.actor.generate, prompts, gen)
+        exp = Experience.from_rollout(rollout)
+        (exp.old_logprobs, exp.entropy), t["actor_logprobs"] = timed(w.actor.compute_log_probs, exp)
+        exp.ref_logprobs, t["ref_logprobs"] = timed(w.reference.compute_log_probs, exp)
+        exp.values, t["critic_values"] = timed(w.critic.compute_values, exp)
+        exp.raw_scores, t["reward"] = timed(w.reward.score, exp)
+        exp.scores = normalize_scores(exp.raw_scores, w.reward.mean, w.reward.std, cfg.reward.clip)
+        _, t["gae"] = timed(finalize, exp, 0.05, cfg.ppo.kl_estimator, cfg.ppo.gamma, cfg.ppo.lam, True)
+        _, t["ppo_update"] = timed(ppo_update, w, cfg, exp, mini_rows, it, True)
+        total = sum(t.values())
+        tokens = exp.tokens.numel() * dp_size
+        report = {
+            "iteration": it,
+            "total_s": round(total, 3),
+            "tokens_per_s": round(tokens / total, 1),
+            **{f"{k}_s": round(v, 3) for k, v in t.items()},
+            **{f"{k}_pct": round(100 * v / total, 1) for k, v in t.items()},
+        }
+        if is_rank_zero():
+            print(json.dumps(report), flush=True)
+    if is_rank_zero():
+        print(
+            f"one PPO iteration ({cfg.ppo.rollout_batch_size} prompts x {length} new tokens, "
+            f"TP {ps.get_tensor_model_parallel_world_size()} PP {ps.get_pipeline_model_parallel_world_size()} "
+            f"DP {dp_size}): {report['total_s']} s = " + ", ".join(f"{k} {report[k + '_pct']}%" for k in t)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""``c2f coarse-actor CONFIG.yaml [key.path=value ...]``: PPO for the Coarse Actor with the CM length limit.
+
+Launch one process per device (``torchrun --nproc_per_node=N -m c2f_megatron.cli coarse-actor cfg.yaml``, or
+``srun``; see ``slurm/coarse_actor.sbatch``). Exit codes: 0 done (or stopped by
+``checkpoint.exit_after_iterations``), 2 bad config or input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from c2f_megatron.config import ConfigError, dump_config, load_config
+
+
+def register(subparsers: Any) -> None:
+    help_text = "Coarse Actor: PPO with the Continuous Maximization length limit"
+    parser = subparsers.add_parser("coarse-actor", help=help_text, description=help_text)
+    parser.add_argument("config", help="job YAML (see examples/coarse_actor_*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. ppo.iterations=10")
+    parser.set_defaults(func=lambda args: main(args.config, args.overrides))
+
+
+def main(config_path: str | None, overrides: list[str]) -> int:
+    from c2f_megatron.rl.config import PPOJobConfig
+
+    try:
+        cfg = load_config(PPOJobConfig, config_path, overrides)
+    except ConfigError as exc:
+        print(f"c2f coarse-actor: {exc}", file=sys.stderr)
+        return 2
+    from c2f_megatron.checkpoint.megatron_dir import CheckpointError
+    from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
+    from c2f_megatron.rl.ppo_trainer import run
+    from c2f_megatron.training.trainer import job_dump
+
+    init_distributed(cfg.parallel)
+    if is_rank_zero():
+        Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
+    try:
+        run(cfg, config_dump=job_dump(cfg))
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        # configuration problems found once the world size is known (e.g. batch sizes per DP rank)
+        print(f"c2f coarse-actor: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,186 @@
+"""Typed job configuration of ``c2f coarse-actor``: one YAML, ``key.path=value`` overrides, errors naming the field.
+
+Sections: ``model`` (architecture for roles built from scratch: tests, benchmarks), ``parallel`` (one TP/PP
+layout shared by every role in this version), ``actor`` / ``critic`` (init checkpoint + optimizer; paper lrs
+5e-6 / 5e-7), ``reward`` (reward model or a programmatic reward, normalisation, clip), ``ppo`` (batch geometry,
+epochs, clipping, GAE), ``kl`` (controller + estimator), ``length`` (Continuous Maximization), ``generation``
+(sampling), ``data`` (prompt stream), ``checkpoint``, ``logging``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from c2f_megatron.data.hh_rlhf import HHDataConfig
+from c2f_megatron.data.templates import COARSE_ACTOR_SYSTEM_PROMPT
+from c2f_megatron.platform.distributed import ParallelConfig
+from c2f_megatron.rl.kl_control import KLControlConfig
+from c2f_megatron.rl.length_control import LengthControlConfig
+from c2f_megatron.training.config import LoggingConfig, ModelSection, OptimConfig
+
+
+def _actor_optim() -> OptimConfig:
+    return OptimConfig(lr=5e-6, min_lr=5e-6, decay_style="constant", clip_grad=1.0)
+
+
+def _critic_optim() -> OptimConfig:
+    return OptimConfig(lr=5e-7, min_lr=5e-7, decay_style="constant", clip_grad=1.0)
+
+
+@dataclass
+class ActorConfig:
+    """The policy. ``init_from``: the base model as a c2f ``gpt`` checkpoint (or a checkpoint root: its latest
+    step, ``actor/`` inside a PPO step is used); null builds ``model`` from scratch (tests). The frozen
+    reference starts from the same weights."""
+
+    init_from: str | None = None
+    optim: OptimConfig = field(default_factory=_actor_optim)
+
+
+@dataclass
+class CriticConfig:
+    """The value model. ``init_from``: a ``value`` checkpoint (the reward model, the usual choice) or a ``gpt``
+    checkpoint (the base model: backbone loaded, fresh head); null: ``reward.path`` when the reward is a model,
+    else ``model`` from scratch."""
+
+    init_from: str | None = None
+    optim: OptimConfig = field(default_factory=_critic_optim)
+
+
+@dataclass
+class RewardSection:
+    """``model``: a frozen value checkpoint (``path``) read at the last generated token. ``token_frequency``:
+    the fraction of response tokens equal to ``target_token`` (a programmatic reward for tests/sanity runs).
+
+    ``normalize``: ``(score - mean) / std`` with the reward model's eval statistics (checkpoint metadata
+    ``extra.eval.reward_mean/std``); ``clip``: scores clipped to ``[-clip, clip]`` after that (null: off).
+    """
+
+    kind: Literal["model", "token_frequency"] = "model"
+    path: str | None = None
+    normalize: bool = True
+    clip: float | None = 5.0
+    target_token: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "model" and not self.path:
+            raise ValueError("reward.path is required when reward.kind is 'model'")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"reward.clip must be > 0 or null, got {self.clip}")
+
+
+@dataclass
+class PPOConfig:
+    """Batch geometry in sequences: ``rollout_batch_size`` prompts per iteration and ``mini_batch_size`` rows
+    per optimizer step (both over all data-parallel ranks), ``micro_batch_size`` rows per forward per rank.
+    Responses cut at the length limit are trained on (GAE treats the cut as the end of the episode)."""
+
+    iterations: int = 100
+    rollout_batch_size: int = 64
+    mini_batch_size: int = 16
+    micro_batch_size: int = 4
+    epochs: int = 2
+    clip_eps: float = 0.2
+    value_clip: float | None = 0.2
+    gamma: float = 0.95  # the paper's discount
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    critic_warmup_iterations: int = 0  # iterations that update only the critic
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    seed: int = 0  # rollout sampling, minibatch shuffling and prompt order
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"ppo.rollout_batch_size {self.rollout_batch_size} is not a multiple of ppo.mini_batch_size "
+                f"{self.mini_batch_size}"
+            )
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"ppo.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
+
+    def per_rank(self, dp_size: int) -> tuple[int, int]:
+        """(rollout rows, minibatch rows) on each data-parallel rank; both must split into micro-batches."""
+        for name in ("rollout_batch_size", "mini_batch_size"):
+            if getattr(self, name) % dp_size:
+                raise ValueError(
+                    f"ppo.{name} {getattr(self, name)} is not a multiple of the DP size {dp_size}"
+                )
+        rollout, mini = self.rollout_batch_size // dp_size, self.mini_batch_size // dp_size
+        if mini % self.micro_batch_size:
+            raise ValueError(
+                f"ppo.mini_batch_size / DP = {mini} is not a multiple of ppo.micro_batch_size "
+                f"{self.micro_batch_size}"
+            )
+        return rollout, mini
+
+
+@dataclass
+class GenerationSection:
+    """Sampling for rollouts. Coarse mode: EOS and ``extra_stop_ids`` are suppressed (never sampled), so every
+    response runs to the length controller's limit. ``max_new_tokens`` comes from ``length`` each iteration."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    extra_stop_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SyntheticPrompts:
+    """Random token-id prompts (tests, benchmarks): ids in ``[low, vocab)``, lengths in ``[min_len, max_len]``."""
+
+    num_prompts: int = 256
+    min_len: int = 4
+    max_len: int = 8
+    low: int = 3
+
+
+@dataclass
+class PromptDataConfig:
+    """The prompt stream: ``hh`` (HH-RLHF prompts with the coarse-actor system prompt) or ``synthetic``.
+
+    Prompts longer than ``max_prompt_length`` tokens keep their last ``max_prompt_length`` tokens.
+    """
+
+    source: Literal["hh", "synthetic"] = "hh"
+    hh: HHDataConfig = field(default_factory=HHDataConfig)
+    tokenizer: str | None = None  # load_tokenizer spec; None = Mistral v0.1 sentencepiece
+    system_prompt: str | None = COARSE_ACTOR_SYSTEM_PROMPT
+    max_prompt_length: int = 256
+    synthetic: SyntheticPrompts = field(default_factory=SyntheticPrompts)
+
+
+@dataclass
+class PPOCheckpointConfig:
+    """``dir``: step checkpoints (actor + critic + optimizers + controllers + RNGs); a run resumes from the
+    latest complete one there. ``exit_after_iterations``: save and stop there (preemption drills)."""
+
+    dir: str | None = None
+    resume: bool = True
+    save_interval: int = 0  # 0: only at the end
+    keep_last: int = 2
+    save_optimizer: bool = True
+    exit_after_iterations: int | None = None
+
+
+@dataclass
+class PPOJobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward: RewardSection = field(default_factory=lambda: RewardSection(kind="token_frequency"))
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    kl: KLControlConfig = field(default_factory=KLControlConfig)
+    length: LengthControlConfig = field(default_factory=LengthControlConfig)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    checkpoint: PPOCheckpointConfig = field(default_factory=PPOCheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    offload_frozen: bool = False  # move the reference and reward model to CPU between uses (GPU only)

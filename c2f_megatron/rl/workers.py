@@ -1,0 +1,374 @@
+"""One worker per PPO role, each with a narrow interface over an ``Experience`` (verl's layout).
+
+- ``ActorWorker``: ``generate`` (rollout), ``compute_log_probs`` (log-probs + entropy of the response
+  tokens), ``update`` (one optimizer step of the clipped policy loss).
+- ``ReferenceWorker``: frozen policy, ``compute_log_probs``.
+- ``CriticWorker``: ``compute_values``, ``update`` (clipped value loss).
+- ``RewardModelWorker``: frozen value model read at the last generated token; ``TokenFrequencyReward``: a
+  programmatic reward with the same ``score(exp) -> [b]`` interface (``RewardFunction``).
+
+Every forward goes through megatron's pipeline schedule (``get_forward_backward_func``), inference passes
+with ``forward_only=True``; what the last pipeline stage computes is broadcast to the other stages, so every
+rank of the model-parallel group ends up with the same ``[b, R]`` tensors. Log-probs are TP-correct: the
+vocab-parallel cross entropy (negated) over logits with the padded vocab and the suppressed ids masked and
+the sampling temperature applied, i.e. the distribution the rollout drew from (top-k/top-p are not applied
+when recomputing, as in verl). Entropy is a vocab-parallel reduction too (logged only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from c2f_megatron.rl import core_algos
+from c2f_megatron.rl.experience import Experience
+from c2f_megatron.rl.rollout import GenerationConfig, RolloutBatch, generate
+from c2f_megatron.training.loop import StepResult, TrainingModel, train_step
+
+# --------------------------------------------------------------------------------------- TP-sharded math
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def vocab_parallel_entropy(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax`` over a vocabulary sharded on the last dim across the TP group (-inf allowed)."""
+    group = _tp_group()
+    with torch.no_grad():
+        z = logits.float()
+        m = z.amax(dim=-1, keepdim=True)
+        if group is not None:
+            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
+        shifted = z - m
+        e = torch.exp(shifted)
+        sums = torch.stack([e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)])
+        if group is not None:
+            torch.distributed.all_reduce(sums, group=group)
+        return torch.log(sums[0]) - sums[1] / sums[0]
+
+
+def policy_logits(
+    logits: Tensor, true_vocab_size: int, suppressed: Sequence[int], temperature: float
+) -> Tensor:
+    """This TP rank's slice of the sampling distribution's logits (fp32, a new tensor): padded vocab and
+    suppressed ids at -inf, divided by the temperature."""
+    from megatron.core import parallel_state as ps
+
+    from c2f_megatron.models.gpt import mask_padded_vocab
+    from c2f_megatron.rl.sampling import suppress_ids
+
+    start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+    z = logits.float() / temperature  # always a copy: the vocab-parallel CE works in place
+    z = mask_padded_vocab(z, true_vocab_size, start)
+    return suppress_ids(z, suppressed, start)
+
+
+def response_logprobs(
+    logits: Tensor,
+    mb: Experience,
+    true_vocab_size: int,
+    suppressed: Sequence[int],
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-prob (and entropy) of each response token from full-sequence logits ``[b, P+R, V/tp]``."""
+    from megatron.core import tensor_parallel
+
+    p, r = mb.prompt_width, mb.response_width
+    z = policy_logits(logits[:, p - 1 : p + r - 1], true_vocab_size, suppressed, temperature)
+    labels = mb.tokens[:, p : p + r]
+    # Padding after a response may hold a suppressed id (e.g. pad == EOS): read a harmless label there.
+    safe = _first_allowed_id(true_vocab_size, suppressed)
+    labels = torch.where(mb.response_mask, labels, safe)
+    entropy = vocab_parallel_entropy(z) if with_entropy else None
+    logp = -tensor_parallel.vocab_parallel_cross_entropy(z, labels)
+    return torch.where(mb.response_mask, logp, 0.0), entropy
+
+
+def _first_allowed_id(true_vocab_size: int, suppressed: Sequence[int]) -> int:
+    banned = set(suppressed)
+    return next(i for i in range(true_vocab_size) if i not in banned)
+
+
+def response_values(values: Tensor, mb: Experience) -> Tensor:
+    """The critic's value of the state before each response token: slot ``P + j - 1``, ``[b, R]``."""
+    p, r = mb.prompt_width, mb.response_width
+    return torch.where(mb.response_mask, values[:, p - 1 : p + r - 1, 0].float(), 0.0)
+
+
+def last_generated_values(values: Tensor, mb: Experience) -> Tensor:
+    """A value model's output at each row's last generated token, ``[b]``."""
+    index = mb.prompt_width + mb.response_lengths - 1
+    return values[:, :, 0].float().gather(1, index.view(-1, 1)).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------- pipeline plumbing
+
+
+def _model_forward(
+    data_iterator: Any, model: torch.nn.Module, loss_func: Callable
+) -> tuple[Tensor, Callable]:
+    """megatron ``forward_step_func``: the model on an ``Experience`` micro-batch with its rollout mask."""
+    from c2f_megatron.models.gpt import position_ids_for
+
+    mb: Experience = next(data_iterator)
+    output = model(mb.tokens, position_ids_for(mb.tokens), mb.attention_mask())
+    return output, partial(loss_func, mb)
+
+
+def _collect(compute: Callable[[Tensor, Experience], dict[str, Tensor]], mb: Experience, output: Tensor):
+    """Forward-only ``loss_func``: no loss, the computed tensors ride in the 'reduced' slot."""
+    out = {k: v.detach() for k, v in compute(output, mb).items()}
+    zero = torch.zeros((), device=output.device)
+    return zero, torch.ones((), dtype=torch.int, device=output.device), out
+
+
+def forward_only(
+    chunks: Sequence[torch.nn.Module],
+    exp: Experience,
+    micro_batch_size: int,
+    compute: Callable[[Tensor, Experience], dict[str, Tensor]],
+    shapes: dict[str, tuple[int, ...]],
+) -> dict[str, Tensor]:
+    """Run ``compute(output, micro_batch)`` over ``exp`` through the pipeline schedule, forward only; the
+    concatenated results (per-row shapes ``shapes``) on every rank of the pipeline."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro = exp.split(micro_batch_size)
+    modes = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        with torch.no_grad():
+            outputs = get_forward_backward_func()(
+                forward_step_func=partial(_model_forward, loss_func=partial(_collect, compute)),
+                data_iterator=iter(micro) if len(chunks) == 1 else [iter(micro) for _ in chunks],
+                model=list(chunks),
+                num_microbatches=len(micro),
+                seq_length=exp.tokens.shape[1],
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
+    finally:
+        for c, mode in zip(chunks, modes):
+            c.train(mode)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    result: dict[str, Tensor] = {}
+    for key, row_shape in shapes.items():
+        full = [len(exp), *row_shape]
+        value = torch.cat([o[key] for o in outputs]).float().contiguous() if last else None
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            value = broadcast_from_last_pipeline_stage(full, torch.float32, value)
+        result[key] = value
+    return result
+
+
+class FrozenChunks:
+    """A frozen model's chunks; with ``offload`` (GPU only) the weights live on the CPU between uses."""
+
+    def __init__(self, chunks: Sequence[torch.nn.Module], offload: bool):
+        from c2f_megatron.platform.distributed import device
+
+        self.chunks = list(chunks)
+        self.device = device()
+        self.offload = offload and self.device.type != "cpu"
+        for c in self.chunks:
+            c.requires_grad_(False)
+            c.eval()
+        self._move("cpu")
+
+    def _move(self, where: str | torch.device) -> None:
+        if self.offload:
+            for c in self.chunks:
+                c.to(where)
+
+    @contextlib.contextmanager
+    def on_device(self):
+        self._move(self.device)
+        try:
+            yield self.chunks
+        finally:
+            self._move("cpu")
+            if self.offload:
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+
+class ActorWorker:
+    """The trained policy: rollouts, log-probs of its own samples, and clipped-policy-loss updates."""
+
+    def __init__(
+        self,
+        tm: TrainingModel,
+        true_vocab_size: int,
+        suppressed: Sequence[int],
+        temperature: float,
+        micro_batch_size: int,
+    ):
+        if len(tm.chunks) != 1:
+            raise ValueError("the PPO actor needs one model chunk: virtual pipeline stages are not supported")
+        self.tm = tm
+        self.true_vocab_size = true_vocab_size
+        self.suppressed = list(suppressed)
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The bare GPTModel (the rollout drives megatron's inference wrapper over it)."""
+        return self.tm.chunks[0].module
+
+    def generate(self, prompts: list[list[int]], gen_cfg: GenerationConfig) -> RolloutBatch:
+        return generate(self.module, prompts, gen_cfg, self.true_vocab_size)
+
+    def _logprobs(self, output: Tensor, mb: Experience) -> dict[str, Tensor]:
+        logp, ent = response_logprobs(
+            output, mb, self.true_vocab_size, self.suppressed, self.temperature, with_entropy=True
+        )
+        return {"logprobs": logp, "entropy": torch.where(mb.response_mask, ent, 0.0)}
+
+    def compute_log_probs(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        r = exp.response_width
+        out = forward_only(
+            self.tm.chunks, exp, self.micro_batch_size, self._logprobs, {"logprobs": (r,), "entropy": (r,)}
+        )
+        return out["logprobs"], out["entropy"]
+
+    def _loss(self, clip_eps: float, mb: Experience, output: Tensor):
+        logp, ent = response_logprobs(
+            output, mb, self.true_vocab_size, self.suppressed, self.temperature, with_entropy=True
+        )
+        loss, stats = core_algos.policy_loss(
+            logp, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps, agg="token-sum"
+        )
+        n = mb.response_mask.sum()
+        nf = n.float()
+        metrics = {k: torch.stack([stats[k] * nf, nf]) for k in ("pg_loss", "pg_clipfrac", "approx_kl")}
+        metrics["entropy"] = torch.stack([(ent * mb.response_mask).sum(), nf])
+        return loss, n.to(torch.int), metrics
+
+    def update(self, micro: list[Experience], clip_eps: float) -> StepResult:
+        fwd = partial(_model_forward, loss_func=partial(self._loss, clip_eps))
+        return train_step(
+            self.tm, fwd, micro, micro[0].tokens.shape[1], self.micro_batch_size, loss_key="pg_loss"
+        )
+
+
+class ReferenceWorker:
+    """The frozen initial policy; its log-probs anchor the KL penalty."""
+
+    def __init__(
+        self,
+        frozen: FrozenChunks,
+        true_vocab_size: int,
+        suppressed: Sequence[int],
+        temperature: float,
+        micro_batch_size: int,
+    ):
+        self.frozen = frozen
+        self.true_vocab_size = true_vocab_size
+        self.suppressed = list(suppressed)
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+
+    def _logprobs(self, output: Tensor, mb: Experience) -> dict[str, Tensor]:
+        logp, _ = response_logprobs(output, mb, self.true_vocab_size, self.suppressed, self.temperature)
+        return {"logprobs": logp}
+
+    def compute_log_probs(self, exp: Experience) -> Tensor:
+        with self.frozen.on_device() as chunks:
+            out = forward_only(
+                chunks, exp, self.micro_batch_size, self._logprobs, {"logprobs": (exp.response_width,)}
+            )
+        return out["logprobs"]
+
+
+class CriticWorker:
+    """The value model: values of the states before each response token, clipped-value-loss updates."""
+
+    def __init__(self, tm: TrainingModel, micro_batch_size: int):
+        self.tm = tm
+        self.micro_batch_size = micro_batch_size
+
+    def compute_values(self, exp: Experience) -> Tensor:
+        out = forward_only(
+            self.tm.chunks,
+            exp,
+            self.micro_batch_size,
+            lambda output, mb: {"values": response_values(output, mb)},
+            {"values": (exp.response_width,)},
+        )
+        return out["values"]
+
+    def _loss(self, value_clip: float | None, mb: Experience, output: Tensor):
+        values = response_values(output, mb)
+        loss, stats = core_algos.value_loss(
+            values, mb.values, mb.returns, mb.response_mask, value_clip, agg="token-sum"
+        )
+        n = mb.response_mask.sum()
+        nf = n.float()
+        metrics = {k: torch.stack([stats[k] * nf, nf]) for k in ("vf_loss", "vf_clipfrac", "vpred_mean")}
+        return loss, n.to(torch.int), metrics
+
+    def update(self, micro: list[Experience], value_clip: float | None) -> StepResult:
+        fwd = partial(_model_forward, loss_func=partial(self._loss, value_clip))
+        return train_step(
+            self.tm, fwd, micro, micro[0].tokens.shape[1], self.micro_batch_size, loss_key="vf_loss"
+        )
+
+
+class RewardFunction(Protocol):
+    """What the trainer asks of a reward: one raw score per sequence, ``[b]``, identical on all ranks."""
+
+    mean: float | None  # normalisation statistics (None: not normalised)
+    std: float | None
+
+    def score(self, exp: Experience) -> Tensor: ...
+
+
+class RewardModelWorker:
+    """A frozen reward model (value checkpoint) read at the last generated token. ``mean``/``std`` are the
+    RM's eval statistics from its checkpoint metadata (for normalisation), when it has them."""
+
+    def __init__(self, frozen: FrozenChunks, micro_batch_size: int, mean: float | None, std: float | None):
+        self.frozen = frozen
+        self.micro_batch_size = micro_batch_size
+        self.mean, self.std = mean, std
+
+    def score(self, exp: Experience) -> Tensor:
+        with self.frozen.on_device() as chunks:
+            out = forward_only(
+                chunks,
+                exp,
+                self.micro_batch_size,
+                lambda output, mb: {"score": last_generated_values(output, mb)},
+                {"score": ()},
+            )
+        return out["score"]
+
+
+class TokenFrequencyReward:
+    """Programmatic reward: the fraction of response tokens equal to ``target`` (in [0, 1])."""
+
+    mean: float | None = None
+    std: float | None = None
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def score(self, exp: Experience) -> Tensor:
+        responses = exp.tokens[:, exp.prompt_width :]
+        hits = ((responses == self.target) & exp.response_mask).float().sum(-1)
+        return hits / exp.response_lengths.clamp_min(1).float()
