@@ -1,0 +1,472 @@
+"""Merge HF safetensors directories by streaming: every input byte is read once, every output written once.
+
+The safetensors layout (8-byte header length, JSON header with dtype/shape/offsets, then raw data) lets the
+merge read each tensor in chunks straight from its file into a reused buffer, convert to fp32 once, evaluate
+every requested output (all gammas of a sweep), and append the results to output shards whose headers were
+written up front. Memory stays at a few chunk buffers whatever the model size; the output keeps the first
+input's shard names and index. Files go to ``OUT.partial`` and are renamed to ``OUT`` when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import struct
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from c2f_megatron.merge import MergeError, check_outputs_free, provenance
+from c2f_megatron.merge.math import ChunkedMerger, MergeRecipe
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PROVENANCE_FILE = "c2f_merge.json"
+# Compared byte for byte across inputs (a different vocabulary or template is a different model) and copied.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "tekken.json",
+)
+COPIED_FILES = ("generation_config.json",)
+# config.json fields that differ between identical architectures (who saved it, and the dtype label).
+CONFIG_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+DTYPE_TO_ST = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+ST_TO_HF_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+ST_TO_C2F = {"F32": "fp32", "BF16": "bf16", "F16": "fp16", "F64": "fp64"}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+# Elements per read/write: a few MB per system call; the arithmetic works on smaller (cache-sized) chunks.
+IO_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie: ``file`` from byte ``begin`` (absolute), ``nbytes`` long."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class HFCheckpoint:
+    """An HF safetensors directory: its config, its shard files in order, and every tensor's location."""
+
+    path: Path
+    config: dict[str, Any]
+    shards: list[str]
+    tensors: dict[str, TensorEntry]
+    index: dict[str, Any] | None
+
+    def shard_tensors(self, shard: str) -> list[TensorEntry]:
+        """The tensors of one shard in file order (so reading is sequential)."""
+        return sorted((t for t in self.tensors.values() if t.file.name == shard), key=lambda t: t.begin)
+
+
+def is_hf_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and (
+        (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise MergeError(f"{path}: file not found") from exc
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where its data starts; validated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise MergeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise MergeError(f"{path}: not a safetensors file (header length {n} invalid)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MergeError(f"{path}: corrupt safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: corrupt safetensors header (not an object)")
+    data_start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shape = [int(d) for d in info["shape"]]
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MergeError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from exc
+        if data_start + end > size or begin > end:
+            raise MergeError(
+                f"{path}: tensor {name!r}: data offsets {begin}..{end} beyond the file (truncated?)"
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in ITEMSIZE and end - begin != numel * ITEMSIZE[dtype]:
+            raise MergeError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}")
+    return header, data_start
+
+
+def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
+    """Read config.json, the index (if sharded) and every shard header; nothing is loaded."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeError(f"{path}: checkpoint directory not found")
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict):
+        raise MergeError(f"{path / 'config.json'}: top level must be an object")
+    index = None
+    if (path / INDEX_FILE).is_file():
+        index = _read_json(path / INDEX_FILE)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MergeError(f"{path / INDEX_FILE}: field 'weight_map' missing or empty")
+        shards = list(dict.fromkeys(weight_map.values()))
+    elif (path / SINGLE_FILE).is_file():
+        weight_map, shards = None, [SINGLE_FILE]
+    else:
+        raise MergeError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (not an HF safetensors checkpoint)")
+    tensors: dict[str, TensorEntry] = {}
+    for shard in shards:
+        file = path / shard
+        if not file.is_file():
+            raise MergeError(f"{path / INDEX_FILE}: shard {shard!r} listed but missing")
+        header, data_start = read_safetensors_header(file)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in tensors:
+                raise MergeError(f"{file}: tensor {name!r} also in {tensors[name].file.name}")
+            begin, end = info["data_offsets"]
+            tensors[name] = TensorEntry(
+                name,
+                file,
+                info["dtype"],
+                tuple(int(d) for d in info["shape"]),
+                data_start + begin,
+                end - begin,
+            )
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in tensors or tensors[name].file.name != shard:
+                raise MergeError(
+                    f"{path / INDEX_FILE}: weight_map[{name!r}] = {shard!r} but the tensor is not there"
+                )
+        extra = sorted(set(tensors) - set(weight_map))
+        if extra:
+            raise MergeError(f"{path / INDEX_FILE}: tensor {extra[0]!r} is in a shard but not in weight_map")
+    return HFCheckpoint(path, config, shards, tensors, index)
+
+
+def check_compatible(ckpts: Sequence[HFCheckpoint], labels: Sequence[str]) -> None:
+    """Same config (less the fields in CONFIG_IGNORED), tensors, shapes, dtypes and tokenizer files."""
+    ref, ref_label = ckpts[0], labels[0]
+    for other, label in zip(ckpts[1:], labels[1:]):
+        for key in sorted(set(ref.config) | set(other.config)):
+            if key in CONFIG_IGNORED:
+                continue
+            va, vb = ref.config.get(key, "<absent>"), other.config.get(key, "<absent>")
+            if va != vb:
+                raise MergeError(
+                    f"config.json field {key!r} differs: {va!r} in {ref_label} ({ref.path}) vs {vb!r} in "
+                    f"{label} ({other.path}); the checkpoints are not the same architecture"
+                )
+        for name in ref.tensors:
+            if name not in other.tensors:
+                raise MergeError(
+                    f"tensor {name!r} is in {ref_label} ({ref.path}) but not in {label} ({other.path})"
+                )
+        for name in other.tensors:
+            if name not in ref.tensors:
+                raise MergeError(
+                    f"tensor {name!r} is in {label} ({other.path}) but not in {ref_label} ({ref.path})"
+                )
+        for name, ta in ref.tensors.items():
+            tb = other.tensors[name]
+            if ta.shape != tb.shape:
+                raise MergeError(
+                    f"tensor {name!r} has shape {list(ta.shape)} in {ref_label} and {list(tb.shape)} in {label}"
+                )
+            if ta.dtype != tb.dtype:
+                raise MergeError(
+                    f"tensor {name!r} has dtype {ta.dtype} in {ref_label} and {tb.dtype} in {label}"
+                )
+        for fname in TOKENIZER_FILES:
+            fa, fb = ref.path / fname, other.path / fname
+            if fa.is_file() != fb.is_file():
+                have = ref_label if fa.is_file() else label
+                raise MergeError(f"tokenizer file {fname} exists only in {have}; the tokenizers differ")
+            if fa.is_file() and fa.read_bytes() != fb.read_bytes():
+                raise MergeError(f"tokenizer file {fname} differs between {ref_label} and {label}")
+    for name, t in ref.tensors.items():
+        if t.dtype not in ST_DTYPES:
+            raise MergeError(
+                f"{t.file}: tensor {name!r} has dtype {t.dtype}; only float tensors can be merged"
+            )
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header (names, dtypes, shapes, offsets) is known up front, so the
+    data can be appended chunk by chunk in header order."""
+
+    def __init__(
+        self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+    ):
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for name, dtype, shape in entries:
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * ITEMSIZE[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as safetensors writes it
+        self.path = path
+        self.expected = offset
+        self.written = 0
+        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+
+    def write(self, data: torch.Tensor) -> None:
+        buf = data.view(torch.uint8).numpy()
+        self._f.write(buf)
+        self.written += buf.nbytes
+
+    def close(self) -> None:
+        self._f.close()
+        if self.written != self.expected:
+            raise RuntimeError(
+                f"{self.path}: wrote {self.written} bytes of data, header says {self.expected}"
+            )
+
+    def abandon(self) -> None:
+        """Close the file if an error stopped the writing (its ``.partial`` directory stays incomplete)."""
+        if not self._f.closed:
+            self._f.close()
+
+
+class _Reader:
+    """Unbuffered reads of byte ranges into reused buffers (one open file per shard)."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, BinaryIO] = {}
+
+    def read_into(self, file: Path, offset: int, out: torch.Tensor) -> None:
+        f = self._files.get(file)
+        if f is None:
+            f = self._files[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (closed in close())
+        view = memoryview(out.view(torch.uint8).numpy())
+        f.seek(offset)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise MergeError(f"{file}: unexpected end of file at byte {offset + got} (truncated?)")
+            got += n
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def merge_hf(
+    inputs: Sequence[str | Path],
+    roles: Sequence[str],
+    recipes: Sequence[MergeRecipe],
+    outs: Sequence[str | Path],
+    dtype: str | None = None,
+    force: bool = False,
+    chunk: int | None = None,
+    threads: int | None = 1,
+) -> list[Path]:
+    """Write ``outs[k] = recipes[k](inputs)`` for every tensor, reading the inputs once for all k.
+
+    ``dtype`` ('fp32'|'bf16'|'fp16') sets the output dtype of every tensor; default each tensor's own.
+    ``chunk``: elements per read (default ``IO_CHUNK``). ``threads``: torch intra-op threads during the
+    merge (restored after); one is fastest for cache-sized chunks, and much faster than two when the cores
+    are shared. ``None`` leaves torch's setting alone.
+    """
+    if len(recipes) != len(outs):
+        raise ValueError("one output directory per recipe")
+    if dtype is not None and dtype not in DTYPE_TO_ST:
+        raise MergeError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_TO_ST)}")
+    ckpts = [open_hf_checkpoint(p) for p in inputs]
+    labels = [f"--{r}" if r in ("a", "b", "base") else r for r in roles]
+    check_compatible(ckpts, labels)
+    out_paths = [Path(o) for o in outs]
+    check_outputs_free(out_paths, force)
+    ref = ckpts[0]
+    out_dt = {n: (DTYPE_TO_ST[dtype] if dtype else t.dtype) for n, t in ref.tensors.items()}
+    dtype_label = dtype or "+".join(sorted({ST_TO_C2F[d] for d in out_dt.values()}))
+    records = [provenance("hf", inputs, r, dtype_label, roles) for r in recipes]
+
+    from c2f_megatron.checkpoint.megatron_dir import commit_output, prepare_output
+
+    tmps = [prepare_output(o, force=force) for o in out_paths]
+    merger = ChunkedMerger(recipes)
+    chunk = chunk or IO_CHUNK
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        _stream(ckpts, tmps, records, merger, out_dt, chunk)
+        for tmp, rec in zip(tmps, records):
+            _write_side_files(ref, tmp, dtype, out_dt, rec)
+    finally:
+        torch.set_num_threads(saved_threads)
+    return [commit_output(tmp, o, None) for tmp, o in zip(tmps, out_paths)]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Elements ``start:start+n`` of one tensor (``last`` closes its shard)."""
+
+    name: str
+    start: int
+    n: int
+    last: bool
+
+
+def _stream(
+    ckpts: Sequence[HFCheckpoint],
+    tmps: Sequence[Path],
+    records: Sequence[dict[str, Any]],
+    merger: ChunkedMerger,
+    out_dt: dict[str, str],
+    chunk: int,
+) -> None:
+    """Read -> merge -> write every chunk, with reads and writes in two helper threads (file I/O and torch
+    release the GIL), so the arithmetic hides behind the I/O. Two buffer sets alternate: chunk i+1 is read
+    and chunk i-1 written while chunk i is merged."""
+    ref = ckpts[0]
+    in_size = max(ITEMSIZE[t.dtype] for t in ref.tensors.values())
+    out_size = max(ITEMSIZE[d] for d in out_dt.values())
+    in_sets = [[torch.empty(chunk * in_size, dtype=torch.uint8) for _ in ckpts] for _ in range(2)]
+    out_sets = [[torch.empty(chunk * out_size, dtype=torch.uint8) for _ in tmps] for _ in range(2)]
+    reader = _Reader()
+
+    def read(c: _Chunk, raws: list[torch.Tensor]) -> list[torch.Tensor]:
+        ins = []
+        for ckpt, raw in zip(ckpts, raws):
+            src = ckpt.tensors[c.name]
+            size = ITEMSIZE[src.dtype]
+            buf = raw[: c.n * size]
+            reader.read_into(src.file, src.begin + c.start * size, buf)
+            ins.append(buf.view(ST_DTYPES[src.dtype]))
+        return ins
+
+    def write(writers: list[ShardWriter], ys: list[torch.Tensor], close: bool) -> None:
+        for w, y in zip(writers, ys):
+            w.write(y)
+            if close:
+                w.close()
+
+    shard_chunks: list[tuple[list[ShardWriter], _Chunk]] = []
+    for shard in ref.shards:
+        entries = ref.shard_tensors(shard)
+        writers = [
+            ShardWriter(
+                tmp / shard,
+                [(t.name, out_dt[t.name], t.shape) for t in entries],
+                {"format": "pt", "c2f_merge": json.dumps(rec, sort_keys=True)},
+            )
+            for tmp, rec in zip(tmps, records)
+        ]
+        chunks = [
+            _Chunk(t.name, start, min(chunk, t.numel - start), False)
+            for t in entries
+            for start in range(0, max(t.numel, 1), chunk)
+        ]
+        if not chunks:  # a shard without tensors: header only
+            for w in writers:
+                w.close()
+            continue
+        chunks[-1] = dataclasses.replace(chunks[-1], last=True)
+        shard_chunks.extend((writers, c) for c in chunks)
+
+    read_pool, write_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    pending_writes: list[Future | None] = [None, None]
+    try:
+        next_read = read_pool.submit(read, shard_chunks[0][1], in_sets[0]) if shard_chunks else None
+        for i, (writers, c) in enumerate(shard_chunks):
+            slot = i % 2
+            ins = next_read.result()
+            if i + 1 < len(shard_chunks):
+                next_read = read_pool.submit(read, shard_chunks[i + 1][1], in_sets[1 - slot])
+            if pending_writes[slot] is not None:
+                pending_writes[slot].result()
+            odt = ST_DTYPES[out_dt[c.name]]
+            ys = [raw[: c.n * ITEMSIZE[out_dt[c.name]]].view(odt) for raw in out_sets[slot]]
+            merger.merge(ins, ys)
+            pending_writes[slot] = write_pool.submit(write, writers, ys, c.last)
+        for f in pending_writes:
+            if f is not None:
+                f.result()
+    finally:
+        read_pool.shutdown(wait=True, cancel_futures=True)
+        write_pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
+        for writers, _ in shard_chunks:
+            for w in writers:
+                w.abandon()
+
+
+def _write_side_files(
+    ref: HFCheckpoint, tmp: Path, dtype: str | None, out_dt: dict[str, str], record: dict[str, Any]
+) -> None:
+    """config.json (dtype label updated), index, tokenizer files, provenance."""
+    config = dict(ref.config)
+    if dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype":
+                config[key] = ST_TO_HF_NAME[DTYPE_TO_ST[dtype]]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if ref.index is not None:
+        index = dict(ref.index)
+        total = sum(t.numel * ITEMSIZE[out_dt[n]] for n, t in ref.tensors.items())
+        index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for fname in (*TOKENIZER_FILES, *COPIED_FILES):
+        if (ref.path / fname).is_file():
+            shutil.copyfile(ref.path / fname, tmp / fname)
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

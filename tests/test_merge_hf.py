@@ -1,0 +1,242 @@
+"""HF mode of the merger: bitwise results, sweeps, N-way/task vector, refusals, atomic output, HF loadability."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from c2f_megatron.merge import hf as merge_hf_module
+from c2f_megatron.merge.cli import main as merge_main
+from c2f_megatron.merge.hf import INDEX_FILE, PROVENANCE_FILE
+
+CONFIG = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "vocab_size": 50,
+    "torch_dtype": "bfloat16",
+    "_name_or_path": "x",
+}
+SHAPES = {
+    "model.embed_tokens.weight": (50, 16),
+    "model.layers.0.self_attn.q_proj.weight": (16, 16),
+    "model.layers.0.input_layernorm.weight": (16,),
+    "model.layers.1.mlp.down_proj.weight": (16, 40),
+    "model.norm.weight": (16,),
+    "lm_head.weight": (50, 16),
+}
+
+
+def make_hf(
+    path: Path,
+    seed: int,
+    dtype=torch.bfloat16,
+    shards: int = 2,
+    config=None,
+    shapes=None,
+    tokenizer: str = '{"vocab": 50}',
+) -> Path:
+    """A random HF safetensors dir, sharded with an index like ``save_pretrained`` (or one file)."""
+    shapes = shapes or SHAPES
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {n: (torch.randn(s, generator=gen) * 2).to(dtype) for n, s in shapes.items()}
+    path.mkdir(parents=True)
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for i in range(shards):
+            shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
+            save_file(part, str(path / shard), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, shard))
+        (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(config or CONFIG))
+    (path / "tokenizer.json").write_text(tokenizer)
+    return path
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture
+def ab(tmp_path) -> tuple[Path, Path]:
+    return make_hf(tmp_path / "a", 1), make_hf(tmp_path / "b", 2)
+
+
+def merge(*argv: str) -> None:
+    assert merge_main([str(a) for a in argv]) == 0
+
+
+def test_linear_bitwise_fp32_and_bf16_rounded_once(ab, tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_hf_module, "IO_CHUNK", 100)  # chunk borders inside tensors
+    a, b = ab
+    merge("--a", a, "--b", b, "--gamma", "0.7", "--out", tmp_path / "o32", "--dtype", "fp32")
+    merge("--a", a, "--b", b, "--gamma", "0.7", "--out", tmp_path / "o16")
+    ta, tb, o32, o16 = (read_all(p) for p in (a, b, tmp_path / "o32", tmp_path / "o16"))
+    assert set(o32) == set(ta) == set(o16)
+    for name in ta:
+        direct = 0.7 * ta[name].float() + (1 - 0.7) * tb[name].float()
+        assert o32[name].dtype == torch.float32 and torch.equal(o32[name], direct), name
+        assert o16[name].dtype == torch.bfloat16 and torch.equal(o16[name], direct.bfloat16()), name
+    # Same shard files and index as the input, index total_size recomputed for the output dtype.
+    assert sorted(p.name for p in (tmp_path / "o16").glob("*.safetensors")) == sorted(
+        p.name for p in a.glob("*.safetensors")
+    )
+    index = json.loads((tmp_path / "o32" / INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in ta.values())
+    assert json.loads((tmp_path / "o32" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert (tmp_path / "o16" / "tokenizer.json").read_text() == (a / "tokenizer.json").read_text()
+    record = json.loads((tmp_path / "o16" / PROVENANCE_FILE).read_text())
+    assert record["gamma"] == 0.7 and record["dtype"] == "bf16" and record["tool"] == "c2f_megatron.merge"
+    assert [s["path"] for s in record["sources"]] == [str(a.resolve()), str(b.resolve())]
+    with safe_open(str(next((tmp_path / "o16").glob("*.safetensors"))), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and json.loads(meta["c2f_merge"])["gamma"] == 0.7
+
+
+def test_sweep_equals_separate_runs(ab, tmp_path):
+    a, b = ab
+    merge("--a", a, "--b", b, "--gamma", "0.1:0.9:0.4", "--out", tmp_path / "sweep")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [
+        "gamma_0.10",
+        "gamma_0.50",
+        "gamma_0.90",
+    ]
+    for g in ("0.10", "0.50", "0.90"):
+        merge("--a", a, "--b", b, "--gamma", g, "--out", tmp_path / f"single_{g}")
+        swept, single = read_all(tmp_path / "sweep" / f"gamma_{g}"), read_all(tmp_path / f"single_{g}")
+        assert all(torch.equal(swept[n], single[n]) for n in single)
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_task_vector_and_n_way(tmp_path):
+    a, b, base = make_hf(tmp_path / "a", 1), make_hf(tmp_path / "b", 2, shards=1), make_hf(tmp_path / "c", 3)
+    merge("--a", a, "--b", b, "--base", base, "--gamma", "0.6", "--out", tmp_path / "task")
+    merge("--model", f"{a}:0.5", "--model", f"{b}:0.3", "--model", f"{base}:0.2", "--out", tmp_path / "nway")
+    ta, tb, tc = read_all(a), read_all(b), read_all(base)
+    task, nway = read_all(tmp_path / "task"), read_all(tmp_path / "nway")
+    for n in ta:
+        assert torch.equal(task[n], (tb[n].float() + 0.6 * (ta[n].float() - tc[n].float())).bfloat16())
+        assert torch.equal(
+            nway[n], (0.5 * ta[n].float() + 0.3 * tb[n].float() + 0.2 * tc[n].float()).bfloat16()
+        )
+    record = json.loads((tmp_path / "task" / PROVENANCE_FILE).read_text())
+    assert record["formula"] == "b + gamma * (a - base)" and [s["role"] for s in record["sources"]] == [
+        "a",
+        "b",
+        "base",
+    ]
+
+
+def test_output_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        transformers.MistralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / name)
+    merge("--a", tmp_path / "a", "--b", tmp_path / "b", "--gamma", "0.7", "--out", tmp_path / "o")
+    models = [
+        transformers.MistralForCausalLM.from_pretrained(tmp_path / n, dtype=torch.bfloat16)
+        for n in ("a", "b", "o")
+    ]
+    sa, sb, so = (m.state_dict() for m in models)
+    for n in sa:
+        assert torch.equal(so[n], (0.7 * sa[n].float() + (1 - 0.7) * sb[n].float()).bfloat16()), n
+
+
+def refused(capsys, *argv) -> str:
+    assert merge_main([str(a) for a in argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_refuses_different_config_field(tmp_path, capsys):
+    a = make_hf(tmp_path / "a", 1)
+    b = make_hf(tmp_path / "b", 2, config={**CONFIG, "rope_theta": 1e6, "_name_or_path": "other"})
+    err = refused(capsys, "--a", a, "--b", b, "--gamma", "0.7", "--out", tmp_path / "o")
+    assert "'rope_theta'" in err and "config.json" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_refuses_different_tensor_names_and_shapes(tmp_path, capsys):
+    a = make_hf(tmp_path / "a", 1)
+    renamed = {("lm_head.bias" if n == "lm_head.weight" else n): s for n, s in SHAPES.items()}
+    b = make_hf(tmp_path / "b", 2, shapes=renamed)
+    err = refused(capsys, "--a", a, "--b", b, "--gamma", "0.7", "--out", tmp_path / "o")
+    assert "'lm_head.weight'" in err
+    c = make_hf(tmp_path / "c", 2, shapes={**SHAPES, "model.norm.weight": (17,)})
+    err = refused(capsys, "--a", a, "--b", c, "--gamma", "0.7", "--out", tmp_path / "o")
+    assert "'model.norm.weight'" in err and "[16]" in err and "[17]" in err
+    d = make_hf(tmp_path / "d", 2, dtype=torch.float32)
+    err = refused(capsys, "--a", a, "--b", d, "--gamma", "0.7", "--out", tmp_path / "o")
+    assert "dtype" in err
+
+
+def test_refuses_different_tokenizer_and_vocab(tmp_path, capsys):
+    a = make_hf(tmp_path / "a", 1)
+    b = make_hf(tmp_path / "b", 2, tokenizer='{"vocab": 51}')
+    err = refused(capsys, "--a", a, "--b", b, "--gamma", "0.7", "--out", tmp_path / "o")
+    assert "tokenizer.json" in err
+    c = make_hf(tmp_path / "c", 2, config={**CONFIG, "vocab_size": 51})
+    err = refused(capsys, "--a", a, "--b", c, "--gamma", "0.7", "--out", tmp_path / "o")
+    assert "'vocab_size'" in err
+
+
+def test_refuses_bad_gamma_existing_output_and_bad_inputs(ab, tmp_path, capsys):
+    a, b = ab
+    assert "outside [0, 1]" in refused(capsys, "--a", a, "--b", b, "--gamma", "1.2", "--out", tmp_path / "o")
+    (tmp_path / "o").mkdir()
+    err = refused(capsys, "--a", a, "--b", b, "--gamma", "0.7", "--out", tmp_path / "o")
+    assert "already exists" in err
+    merge("--a", a, "--b", b, "--gamma", "0.7", "--out", tmp_path / "o", "--force")
+    assert (tmp_path / "o" / PROVENANCE_FILE).is_file()
+    err = refused(capsys, "--a", a, "--b", tmp_path / "missing", "--gamma", "0.7", "--out", tmp_path / "o2")
+    assert "missing" in err and "not found" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(b, broken)
+    shard = next(broken.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    err = refused(capsys, "--a", a, "--b", broken, "--gamma", "0.7", "--out", tmp_path / "o3")
+    assert shard.name in err and "truncated" in err
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(ab, tmp_path, monkeypatch):
+    a, b = ab
+    calls = {"n": 0}
+    real_write = merge_hf_module.ShardWriter.write
+
+    def failing_write(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        real_write(self, data)
+
+    monkeypatch.setattr(merge_hf_module.ShardWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        merge_main(["--a", str(a), "--b", str(b), "--gamma", "0.3,0.7", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "gamma_0.30").exists() and not (tmp_path / "o" / "gamma_0.70").exists()
+    assert (tmp_path / "o" / "gamma_0.30.partial").is_dir()
+    monkeypatch.setattr(merge_hf_module.ShardWriter, "write", real_write)
+    merge("--a", a, "--b", b, "--gamma", "0.3,0.7", "--out", tmp_path / "o")  # a rerun replaces the leftovers
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gamma_0.30", "gamma_0.70"]
