@@ -33,12 +33,13 @@ setup(
         "transformers",
         "datasets",
         "wandb",
+        "matplotlib",  # pipeline report plots
     ],
     extras_require={
         "dev": ["pytest", "ruff"],
         # Transformer Engine (and NVIDIA apex, built from source: the PyPI package named 'apex' is unrelated).
         "gpu": ["transformer-engine[pytorch]"],
-        "eval": ["matplotlib", "requests"],
+        "eval": [],
     },
     entry_points={"console_scripts": ["c2f=c2f_megatron.cli:main"]},
 )

@@ -1,0 +1,321 @@
+"""``c2f eval [CONFIG] [key.path=value ...] [--checkpoint DIR --rm DIR --baseline DIR --out DIR]``.
+
+Evaluates one model and writes one table (``<out_dir>/<report_name>.{md,csv,json}``, one row) with the
+model, checkpoint, seed and resolved config recorded, plus ``responses.json`` (the generated responses and
+their rewards, reusable as another run's ``baseline``) and, when run, ``benchmarks.*`` and
+``mt_bench.json``. The report's JSON is written last, so its presence means the run finished.
+
+Launch one process per model-parallel rank (``torchrun --nproc_per_node=TP*PP -m c2f_megatron.cli eval``);
+every rank runs the models, rank 0 writes. Exit codes: 0 done, 2 bad config or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from c2f_megatron.config import ConfigError, load_config, to_dict
+from c2f_megatron.eval.config import EvalConfig
+
+RESPONSES_FILE = "responses.json"
+FLAG_FIELDS = ("checkpoint", "rm", "baseline", "name", "tokenizer", "out_dir")
+
+
+def register(subparsers: Any) -> None:
+    help_text = "evaluate a checkpoint: response metrics, benchmarks, MT-Bench"
+    parser = subparsers.add_parser("eval", help=help_text, description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="eval YAML (optional: defaults + overrides/flags)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. responses.num_prompts=8")
+    parser.add_argument("--checkpoint", help="model: c2f checkpoint, training root or HF directory")
+    parser.add_argument("--rm", help="reward model (value checkpoint or root)")
+    parser.add_argument("--baseline", help="win-rate baseline: checkpoint or an earlier eval output dir")
+    parser.add_argument("--name", help="row label (default: the checkpoint directory's name)")
+    parser.add_argument("--tokenizer", help="tokenizer spec (default: Mistral v0.1)")
+    parser.add_argument("--out", dest="out_dir", help="output directory")
+    parser.set_defaults(func=_run_args)
+
+
+def _run_args(args: argparse.Namespace) -> int:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `c2f eval checkpoint=...` without a YAML
+        config, overrides = None, [config, *overrides]
+    flags = [f"{k}={getattr(args, k)}" for k in FLAG_FIELDS if getattr(args, k) is not None]
+    return main(config, overrides + flags)
+
+
+def main(config_path: str | None, overrides: list[str]) -> int:
+    try:
+        cfg = load_config(EvalConfig, config_path, overrides)
+        if not cfg.checkpoint:
+            raise ConfigError(
+                f"{config_path or 'defaults'}: field 'checkpoint' is required (or --checkpoint)"
+            )
+    except ConfigError as exc:
+        print(f"c2f eval: {exc}", file=sys.stderr)
+        return 2
+    from c2f_megatron.checkpoint.megatron_dir import CheckpointError
+    from c2f_megatron.eval.benchmarks import BenchmarkDataError
+    from c2f_megatron.eval.mt_bench import JudgeAPIError, MTBenchDataError
+    from c2f_megatron.platform.distributed import init_distributed
+
+    init_distributed(cfg.parallel)
+    try:
+        run_eval(cfg)
+    except (ConfigError, CheckpointError, BenchmarkDataError, MTBenchDataError, FileNotFoundError) as exc:
+        print(f"c2f eval: {exc}", file=sys.stderr)
+        return 2
+    except (JudgeAPIError, ValueError) as exc:
+        print(f"c2f eval: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def is_hf_directory(path: Path) -> bool:
+    from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE
+
+    return (path / "config.json").is_file() and not (path / METADATA_FILE).is_file()
+
+
+def prepare_checkpoint(path: str, cfg: EvalConfig, role: str) -> Path:
+    """The c2f checkpoint to load for ``path``; an HF directory is converted once under ``out_dir``."""
+    from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE
+    from c2f_megatron.eval.megatron_model import resolve_checkpoint
+
+    p = Path(path)
+    if p.is_dir() and is_hf_directory(p):
+        from c2f_megatron.checkpoint.convert import convert_hf_to_megatron
+
+        out = Path(cfg.out_dir) / "converted" / p.resolve().name
+        if not (out / METADATA_FILE).is_file():
+            convert_hf_to_megatron(
+                p,
+                out,
+                tp=cfg.parallel.tensor_model_parallel_size,
+                pp=cfg.parallel.pipeline_model_parallel_size,
+                force=out.exists(),
+            )
+        return out
+    return resolve_checkpoint(p, role)
+
+
+@dataclass
+class HeldOut:
+    """Tokenised held-out data: prompts to answer, and chosen responses (split as context/continuation)."""
+
+    prompt_texts: list[str]
+    prompt_ids: list[list[int]]
+    ref_contexts: list[list[int]]
+    ref_continuations: list[list[int]]
+
+
+def load_held_out(cfg: EvalConfig, tokenizer: Any) -> HeldOut:
+    from c2f_megatron.data import load_from_config, prompts_for_rl, strip_stop_ids
+    from c2f_megatron.training.tasks.sft import tokenize_pairs
+
+    rc = cfg.responses
+    data = load_from_config(rc.hh)
+    if not data.eval:
+        raise ConfigError(f"responses.hh: source {rc.hh.source} gives no held-out pairs (eval_fraction)")
+    texts = prompts_for_rl(data.eval, rc.hh.prompt_format)[: rc.num_prompts]
+    bos = tokenizer.bos_id is not None
+    stops = [tokenizer.eos_id, tokenizer.pad_id]
+    ids = [strip_stop_ids(tokenizer.encode(t, add_bos=bos), stops)[-rc.max_prompt_length :] for t in texts]
+    refs = tokenize_pairs(
+        data.eval[: rc.num_references], tokenizer, rc.max_reference_length - 1, rc.hh.prompt_format
+    )
+    return HeldOut(
+        texts,
+        ids,
+        [list(r.ids[: r.prompt_len]) for r in refs],
+        [list(r.ids[r.prompt_len :]) for r in refs],
+    )
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _generate(model: Any, held: HeldOut, cfg: EvalConfig) -> list[list[int]]:
+    rc = cfg.responses
+    return model.generate_ids(
+        held.prompt_ids, rc.max_new_tokens, rc.greedy, rc.temperature, rc.top_k, rc.top_p
+    )
+
+
+def _load_baseline_responses(path: Path, held: HeldOut, rm: Path | None) -> dict[str, Any]:
+    """Scored responses of an earlier eval run; refuses different prompts or a different reward model."""
+    doc = json.loads((path / RESPONSES_FILE).read_text())
+    if doc.get("prompts") != held.prompt_texts:
+        raise ConfigError(
+            f"{path / RESPONSES_FILE}: field 'prompts' differs from this run's held-out prompts; evaluate the "
+            "baseline with the same responses.hh / num_prompts settings"
+        )
+    if doc.get("rm") != (str(rm) if rm else None) or doc.get("rewards") is None:
+        raise ConfigError(
+            f"{path / RESPONSES_FILE}: field 'rm' is {doc.get('rm')!r}, this run scores with {rm}; "
+            "win rates need both sides scored by the same reward model"
+        )
+    return doc
+
+
+def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> float | None:
+    """Answers on every rank (the model is sharded), judging on rank 0; the overall 1-10 score."""
+    from c2f_megatron.data.templates import render_prompt
+    from c2f_megatron.eval import mt_bench as mt
+    from c2f_megatron.eval.report import write_atomic
+
+    mc = cfg.mt_bench
+    base_url = mc.resolved_base_url()
+    if base_url is None:
+        return None
+    questions = mt.load_questions(mc.questions)[: mc.limit]
+    fmt = cfg.responses.hh.prompt_format
+
+    def respond(messages: list[dict[str, str]]) -> str:
+        turns = [("user" if m["role"] == "user" else "assistant", m["content"]) for m in messages]
+        text = model.generate([render_prompt(turns, fmt)], mc.max_new_tokens, ["\n\nHuman:", "[INST]"])[0]
+        return text.strip()
+
+    answers = mt.generate_answers(questions, respond)
+    if not rank_zero:
+        return None
+    client = mt.OpenAIChatClient(
+        mt.JudgeClientConfig(base_url=base_url, model=mc.resolved_model(), api_key_env=mc.api_key_env)
+    )
+    judgments = mt.judge_single(
+        questions,
+        answers,
+        client,
+        mt.load_judge_prompts(mc.judge_prompts),
+        mt.load_reference_answers(mc.reference_answers),
+        max_workers=mc.max_workers,
+    )
+    scores = mt.aggregate_single(judgments)
+    doc = {
+        "judge": {"base_url": base_url, "model": mc.resolved_model()},
+        "overall": scores.overall,
+        "per_turn": scores.per_turn,
+        "per_category": scores.per_category,
+        "n_scored": scores.n_scored,
+        "n_errors": scores.n_errors,
+        "answers": {str(k): list(v) for k, v in answers.items()},
+        "judgments": [j.__dict__ for j in judgments],
+    }
+    write_atomic(out_dir / "mt_bench.json", json.dumps(doc, indent=2, default=str) + "\n")
+    return scores.overall
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Run every configured evaluation (all ranks); rank 0 writes the outputs. Returns the table row."""
+    from c2f_megatron.data import load_tokenizer
+    from c2f_megatron.eval import response_metrics as rm_metrics
+    from c2f_megatron.eval.benchmarks import evaluate_benchmark
+    from c2f_megatron.eval.megatron_model import MegatronLM, RewardScorer
+    from c2f_megatron.eval.report import RunMetadata, benchmark_rows, write_atomic, write_report
+    from c2f_megatron.platform.distributed import is_rank_zero
+
+    assert cfg.checkpoint is not None
+    out_dir = Path(cfg.out_dir)
+    rank_zero = is_rank_zero()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    ckpt = prepare_checkpoint(cfg.checkpoint, cfg, "actor")
+    rm_ckpt = prepare_checkpoint(cfg.rm, cfg, "reward") if cfg.rm else None
+    name = cfg.name or Path(cfg.checkpoint).name
+    row: dict[str, Any] = {"model": name, "checkpoint": str(ckpt)}
+
+    def load_lm(path: Path) -> MegatronLM:
+        return MegatronLM.from_checkpoint(path, tokenizer, cfg.batch_size, cfg.seed, cfg.layer_spec)
+
+    policy = load_lm(ckpt)
+    held = load_held_out(cfg, tokenizer) if cfg.responses.enabled else None
+    responses: list[list[int]] = []
+    if held is not None:
+        responses = _generate(policy, held, cfg)
+        if held.ref_continuations:
+            row["perplexity"] = rm_metrics.perplexity(
+                policy.token_logprobs(held.ref_contexts, held.ref_continuations)
+            )
+    bench_results = [
+        evaluate_benchmark(
+            b,
+            policy,
+            cfg.benchmarks.limit,
+            cfg.seed,
+            data_dir=cfg.benchmarks.data_dir,
+            source=cfg.benchmarks.source,
+            length_normalized=cfg.benchmarks.length_normalized,
+            batch_size=cfg.batch_size,
+        )
+        for b in cfg.benchmarks.names
+    ]
+    mt_score = _mt_bench(policy, cfg, out_dir, rank_zero)
+    del policy
+    gc.collect()
+
+    rewards = baseline_rewards = None
+    baseline_doc: dict[str, Any] | None = None
+    if held is not None and cfg.baseline:
+        base_path = Path(cfg.baseline)
+        if (base_path / RESPONSES_FILE).is_file():
+            baseline_doc = _load_baseline_responses(base_path, held, rm_ckpt)
+            baseline_rewards = baseline_doc["rewards"]
+        else:
+            baseline = load_lm(prepare_checkpoint(cfg.baseline, cfg, "actor"))
+            baseline_doc = {"response_ids": _generate(baseline, held, cfg)}
+            del baseline
+            gc.collect()
+    if held is not None and rm_ckpt is not None:
+        scorer = RewardScorer.from_checkpoint(rm_ckpt, tokenizer, cfg.batch_size, cfg.layer_spec)
+        rewards = scorer.score([p + r for p, r in zip(held.prompt_ids, responses)])
+        if baseline_doc is not None and baseline_rewards is None:
+            baseline_rewards = scorer.score(
+                [p + r for p, r in zip(held.prompt_ids, baseline_doc["response_ids"])]
+            )
+        del scorer
+        gc.collect()
+
+    if held is not None:
+        m = rm_metrics.response_metrics(responses, tokenizer.eos_id, rewards, cfg.responses.redundancy_n)
+        row.update(
+            n_prompts=len(responses),
+            reward_mean=m.reward.mean if m.reward else None,
+            reward_stderr=m.reward.stderr if m.reward else None,
+            win_rate=rm_metrics.win_rate(rewards, baseline_rewards) if rewards and baseline_rewards else None,
+            length_mean=m.length.mean,
+            length_stderr=m.length.stderr,
+            eos_fraction=m.eos_fraction,
+            redundancy=m.redundancy.mean,
+            distinct_1=m.distinct_1,
+            distinct_2=m.distinct_2,
+        )
+        row["perplexity"] = row.pop("perplexity", None)
+    for r in bench_results:
+        row[r.name] = r.value
+    if mt_score is not None:
+        row["mt_bench"] = mt_score
+
+    if rank_zero:
+        if held is not None:
+            doc = {
+                "model": name,
+                "checkpoint": str(ckpt),
+                "rm": str(rm_ckpt) if rm_ckpt else None,
+                "prompts": held.prompt_texts,
+                "responses": [tokenizer.decode([t for t in r if t != tokenizer.eos_id]) for r in responses],
+                "response_ids": responses,
+                "rewards": rewards,
+            }
+            write_atomic(out_dir / RESPONSES_FILE, json.dumps(doc, ensure_ascii=False) + "\n")
+        meta = RunMetadata(model=name, checkpoint=str(ckpt), seed=cfg.seed, config=to_dict(cfg))
+        if bench_results:
+            write_report(out_dir, "benchmarks", benchmark_rows(bench_results), meta)
+        write_report(out_dir, cfg.report_name, [row], meta)
+        print(json.dumps(row, default=str))
+    return row

@@ -1,0 +1,107 @@
+"""Typed configuration of ``c2f eval``: what to evaluate, on which data, and where the table goes.
+
+Sections: ``responses`` (generation on held-out HH-RLHF prompts: reward, length, EOS, redundancy,
+distinct-n, perplexity of held-out chosen responses, win rate against ``baseline``), ``benchmarks``
+(``eval.benchmarks`` names, off when empty) and ``mt_bench`` (answers + judging through an OpenAI-compatible
+endpoint; off unless a base URL is configured here or in ``$C2F_JUDGE_BASE_URL``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from c2f_megatron.data.hh_rlhf import HHDataConfig
+from c2f_megatron.platform.distributed import ParallelConfig
+
+JUDGE_BASE_URL_ENV = "C2F_JUDGE_BASE_URL"
+JUDGE_MODEL_ENV = "C2F_JUDGE_MODEL"
+
+
+@dataclass
+class ResponseEvalConfig:
+    """Held-out prompts are the eval part of ``hh`` (the same deterministic split the trainers use, so keep
+    ``hh`` equal to theirs); the first ``num_prompts`` unique prompts are answered, the first
+    ``num_references`` held-out pairs give the chosen responses whose perplexity is measured."""
+
+    enabled: bool = True
+    hh: HHDataConfig = field(default_factory=HHDataConfig)
+    num_prompts: int = 64
+    num_references: int = 64
+    max_prompt_length: int = 256  # tokens; longer prompts keep their end
+    max_new_tokens: int = 128
+    max_reference_length: int = 256  # [BOS] prompt chosen [EOS], prompt cut from the left
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    redundancy_n: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "num_references", "max_prompt_length", "max_new_tokens", "redundancy_n"):
+            if getattr(self, name) < (0 if name == "num_references" else 1):
+                raise ValueError(f"responses.{name} must be positive, got {getattr(self, name)}")
+        if self.max_reference_length < 2:
+            raise ValueError(f"responses.max_reference_length must be >= 2, got {self.max_reference_length}")
+
+
+@dataclass
+class BenchmarkEvalConfig:
+    """``names``: ``eval.benchmarks.BENCHMARKS`` entries (``"bbh:navigate"`` style subsets allowed)."""
+
+    names: list[str] = field(default_factory=list)
+    limit: int | None = 100  # items per benchmark, drawn with ``seed``; null: all
+    source: Literal["local", "hub"] = "local"
+    data_dir: str | None = "../shared/data"
+    length_normalized: bool = False
+
+
+@dataclass
+class MTBenchEvalConfig:
+    """Off unless ``base_url`` (or ``$C2F_JUDGE_BASE_URL``) is set; ``model`` defaults to ``$C2F_JUDGE_MODEL``
+    or gpt-4; the key comes from ``$api_key_env`` (never from a file under version control)."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    questions: str = "../shared/data/mt_bench/question.jsonl"
+    judge_prompts: str = "../shared/data/mt_bench/judge_prompts.jsonl"
+    reference_answers: str = "../shared/data/mt_bench/reference_answer/gpt-4.jsonl"
+    limit: int | None = None  # first N questions
+    max_new_tokens: int = 256
+    max_workers: int = 4
+
+    def resolved_base_url(self) -> str | None:
+        return self.base_url or os.environ.get(JUDGE_BASE_URL_ENV) or None
+
+    def resolved_model(self) -> str:
+        return self.model or os.environ.get(JUDGE_MODEL_ENV) or "gpt-4"
+
+
+@dataclass
+class EvalConfig:
+    """``checkpoint``: a c2f checkpoint, a training root (its latest step; ``actor/`` of a PPO step) or a
+    Hugging Face Mistral directory (converted once into ``out_dir/converted``). ``rm``: the reward model (a
+    ``value`` checkpoint or root); without it reward and win rate are left out. ``baseline``: a checkpoint
+    whose responses the win rate compares against, or an earlier ``c2f eval`` output directory whose
+    scored responses are reused (same prompts and reward model required)."""
+
+    checkpoint: str | None = None
+    name: str | None = None  # row label; default: the checkpoint directory's name
+    rm: str | None = None
+    baseline: str | None = None
+    tokenizer: str | None = None  # load_tokenizer spec; None = Mistral v0.1 sentencepiece
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    layer_spec: Literal["sdpa", "local"] = "sdpa"
+    batch_size: int = 8
+    seed: int = 0
+    out_dir: str = "runs/eval"
+    report_name: str = "eval"
+    responses: ResponseEvalConfig = field(default_factory=ResponseEvalConfig)
+    benchmarks: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig)
+    mt_bench: MTBenchEvalConfig = field(default_factory=MTBenchEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")

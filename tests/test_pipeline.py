@@ -1,0 +1,202 @@
+"""``c2f pipeline``: stage chaining, resume after a crash between stages, and an end-to-end smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from c2f_megatron.config import load_config
+from c2f_megatron.pipeline import MARKER, Pipeline, PipelineConfig, StageFailed
+from tests.launch import REPO_ROOT, worker_env
+
+NANO = REPO_ROOT / "examples" / "pipeline_nano.yaml"
+MINI = REPO_ROOT / "examples" / "pipeline_mini.yaml"
+
+
+def _hh(shared_data: Path) -> list[str]:
+    src = shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    return [f"hh.source={src}", "hh.max_pairs=300"]
+
+
+class FakeRunner:
+    """Stands in for the stage commands: writes what each real command leaves behind (complete step
+    checkpoints, merge outputs, eval tables), records the jobs, and fails on ``fail_on`` commands."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.fail_on = fail_on
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, args: list[str], nproc: int, log: Path) -> None:
+        command = args[0]
+        job = yaml.safe_load(Path(args[1]).read_text()) if command not in ("merge",) else {}
+        self.calls.append((command, job))
+        if command == self.fail_on:
+            raise StageFailed(f"{command} failed (injected)")
+        if command in ("train-lm", "train-sft", "train-rm", "coarse-actor"):
+            step = Path(job["checkpoint"]["dir"]) / "step_0000002"
+            models = ["actor", "critic"] if command == "coarse-actor" else [""]
+            for m in models:
+                (step / m).mkdir(parents=True, exist_ok=True)
+                (step / m / "c2f_checkpoint.json").write_text("{}")
+            (step / "trainer_state.json").write_text(json.dumps({"models": models}))
+            if command == "coarse-actor":
+                lines = [
+                    {"step": i, "train/reward_mean": 0.1 * i, "train/rollout_length_limit": 8 * i}
+                    for i in (1, 2)
+                ]
+                (Path(job["logging"]["run_dir"]) / "metrics.jsonl").write_text(
+                    "\n".join(json.dumps(x) for x in lines) + "\n"
+                )
+        elif command == "merge":
+            out = Path(args[args.index("--out") + 1])
+            for g in args[args.index("--gamma") + 1].split(","):
+                (out / f"gamma_{float(g):.2f}").mkdir(parents=True)
+        elif command == "eval":
+            out = Path(job["out_dir"])
+            out.mkdir(parents=True, exist_ok=True)
+            row = {
+                "model": job["name"],
+                "checkpoint": job["checkpoint"],
+                "length_mean": float(len(self.calls)),
+            }
+            (out / "eval.json").write_text(json.dumps({"rows": [row]}))
+
+
+def _config(tmp_path: Path, shared_data: Path, extra: list[str] = ()) -> PipelineConfig:
+    return load_config(
+        PipelineConfig,
+        NANO,
+        [f"run_dir={tmp_path / 'run'}", "merge.gammas=0.3,0.7", *_hh(shared_data), *extra],
+    )
+
+
+def test_resume_skips_finished_stages_and_chains_outputs(tmp_path, shared_data):
+    cfg = _config(tmp_path, shared_data)
+    Pipeline(cfg).validate()
+    first = Pipeline(cfg, runner=FakeRunner(fail_on="train-rm"))
+    with pytest.raises(StageFailed):
+        first.run()
+    run = tmp_path / "run"
+    assert first.ran == ["base", "sft"]
+    assert not (run / "rm" / MARKER).exists()
+    before = {s: (run / s / MARKER).stat().st_mtime_ns for s in ("base", "sft")}
+
+    runner = FakeRunner()
+    second = Pipeline(cfg, runner=runner)
+    report = second.run()
+    assert second.skipped == ["base", "sft"]
+    assert second.ran == [
+        "rm",
+        "coarse",
+        "merge",
+        "eval/sft",
+        "eval/gamma_0.30",
+        "eval/gamma_0.70",
+        "eval/coarse",
+    ]
+    assert {s: (run / s / MARKER).stat().st_mtime_ns for s in ("base", "sft")} == before
+    jobs = dict((c, j) for c, j in runner.calls if c != "eval")
+    sft_ckpt = str(run / "sft" / "checkpoints" / "step_0000002")
+    assert jobs["train-rm"]["checkpoint"]["init_from"] == sft_ckpt
+    assert jobs["coarse-actor"]["actor"]["init_from"] == sft_ckpt
+    assert jobs["coarse-actor"]["reward"]["path"] == str(run / "rm" / "checkpoints" / "step_0000002")
+    assert jobs["coarse-actor"]["data"]["hh"]["max_pairs"] == 300
+    evals = {j["name"]: j for c, j in runner.calls if c == "eval"}
+    assert evals["sft"]["baseline"] is None
+    assert evals["gamma_0.30"]["baseline"] == str(run / "eval" / "sft")
+    assert evals["gamma_0.70"]["checkpoint"] == str(run / "merge" / "sweep" / "gamma_0.70")
+    assert evals["coarse"]["checkpoint"] == str(run / "coarse" / "checkpoints" / "step_0000002" / "actor")
+    table = json.loads((report / "table.json").read_text())["rows"]
+    assert [(r["model"], r["gamma"]) for r in table] == [
+        ("sft", None),
+        ("gamma_0.30", 0.3),
+        ("gamma_0.70", 0.7),
+        ("coarse", None),
+    ]
+    assert (report / "ppo_reward_length.png").stat().st_size > 1000
+    assert (report / "metrics_vs_gamma.png").stat().st_size > 1000
+
+    third = Pipeline(cfg, runner=FakeRunner(fail_on="train-lm"))
+    third.run()  # everything done: nothing runs, the report is rewritten
+    assert third.ran == []
+
+
+def test_config_errors_name_the_field(tmp_path, shared_data, capsys):
+    from c2f_megatron.pipeline import main
+
+    assert main(str(NANO), [f"run_dir={tmp_path}", "sft.job.train.trian_steps=3"]) == 2
+    assert "sft.job" in capsys.readouterr().err
+    assert main(str(NANO), [f"run_dir={tmp_path}", "merge.gammas=0.5:0.2:0.1"]) == 2
+    assert not (tmp_path / "base").exists()
+
+
+@pytest.mark.parametrize("path", [NANO, MINI])
+def test_shipped_configs_validate(path, tmp_path):
+    Pipeline(load_config(PipelineConfig, path, [f"run_dir={tmp_path}"])).validate()
+
+
+SMOKE = [
+    "base.job.train.train_steps=3",
+    "base.job.train.micro_batch_size=4",
+    "base.job.train.global_batch_size=4",
+    "sft.job.train.train_steps=3",
+    "sft.job.train.micro_batch_size=4",
+    "sft.job.train.global_batch_size=4",
+    "rm.job.train.train_steps=3",
+    "rm.job.train.micro_batch_size=4",
+    "rm.job.train.global_batch_size=4",
+    "coarse.job.ppo.iterations=2",
+    "coarse.job.ppo.rollout_batch_size=4",
+    "coarse.job.ppo.mini_batch_size=4",
+    "coarse.job.ppo.micro_batch_size=4",
+    "coarse.job.ppo.critic_warmup_iterations=0",
+    "coarse.job.length.cm.initial_length=8",
+    "coarse.job.length.cm.max_length=16",
+    "merge.gammas=0.3,0.7",
+    "eval.job.responses.num_prompts=4",
+    "eval.job.responses.num_references=4",
+    "eval.job.responses.max_new_tokens=12",
+    "eval.job.benchmarks.names=[]",
+]
+
+
+def _pipeline(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "c2f_megatron.cli", "pipeline", str(NANO), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=worker_env(2),
+        cwd=REPO_ROOT,
+    )
+
+
+def test_nano_smoke_end_to_end_with_crash_and_resume(tmp_path, shared_data):
+    """The shipped nano config, shortened: the RM stage crashes (an architecture override its SFT init
+    refuses), the rerun resumes there, and the report comes out."""
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", *_hh(shared_data), *SMOKE]
+    bad = _pipeline([*args, "rm.job.model.overrides.num_layers=3"])
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    assert "stage" in bad.stderr or "rm" in bad.stderr
+    assert (run / "sft" / MARKER).is_file() and not (run / "rm" / MARKER).exists()
+    sft_marker = (run / "sft" / MARKER).read_text()
+    base_log = (run / "base" / "stage.log").stat().st_size
+
+    good = _pipeline(args)
+    assert good.returncode == 0, good.stderr[-5000:]
+    assert (run / "sft" / MARKER).read_text() == sft_marker
+    assert (run / "base" / "stage.log").stat().st_size == base_log  # base never ran again
+    assert "skipped" in good.stderr
+    table = json.loads((run / "report" / "table.json").read_text())["rows"]
+    assert [r["model"] for r in table] == ["sft", "gamma_0.30", "gamma_0.70", "coarse"]
+    for r in table:
+        assert r["n_prompts"] == 4 and 1 <= r["length_mean"] <= 12 and r["perplexity"] > 1
+        assert (r["win_rate"] is None) == (r["model"] == "sft")
+    assert (run / "report" / "ppo_reward_length.png").stat().st_size > 1000
+    assert (run / "report" / "metrics_vs_gamma.png").stat().st_size > 1000
