@@ -39,7 +39,6 @@ setup(
         "dev": ["pytest", "ruff"],
         # Transformer Engine (and NVIDIA apex, built from source: the PyPI package named 'apex' is unrelated).
         "gpu": ["transformer-engine[pytorch]"],
-        "eval": [],
     },
     entry_points={"console_scripts": ["c2f=c2f_megatron.cli:main"]},
 )
