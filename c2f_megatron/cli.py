@@ -19,7 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-lm": ("c2f_megatron.training.cli", "train a language model (next-token loss)"),
     "train-sft": ("c2f_megatron.training.cli", "supervised fine-tuning (loss on responses)"),
     "train-rm": ("c2f_megatron.training.cli", "train a reward model on preference pairs"),
-    "coarse-actor": ("c2f_megatron.rl.cli", "Coarse Actor: PPO with the Continuous Maximization length limit"),
+    "coarse-actor": (
+        "c2f_megatron.rl.cli",
+        "Coarse Actor: PPO with the Continuous Maximization length limit",
+    ),
     "eval": ("c2f_megatron.eval.cli", "evaluate a checkpoint: response metrics, benchmarks, MT-Bench"),
     "pipeline": ("c2f_megatron.pipeline", "the whole C2F recipe end to end, resumable stage by stage"),
 }

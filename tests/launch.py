@@ -33,14 +33,17 @@ def worker_env(threads: int = 1) -> dict[str, str]:
 
 def _run(cmd: list[str], timeout: int, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run in a new session so that a timeout kills the launcher *and* every worker it started."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd[:4])}... timed out after {timeout} s\n{out[-4000:]}\n{err[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd[:4])}... timed out after {timeout} s\n{out[-4000:]}\n{err[-6000:]}"
+        ) from exc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
