@@ -37,61 +37,12 @@ class Measure:
     peak_rss_mb: float
 
 
-def hf_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """HF MistralForCausalLM tensor names and shapes for a ``ModelConfig``."""
-    h, kv, f = cfg.hidden_size, cfg.num_query_groups * cfg.head_dim, cfg.ffn_hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "self_attn.q_proj.weight": (h, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, h),
-                p + "mlp.gate_proj.weight": (f, h),
-                p + "mlp.up_proj.weight": (f, h),
-                p + "mlp.down_proj.weight": (h, f),
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-            }
-        )
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    return shapes
-
-
-def hf_config(cfg) -> dict:
-    return {
-        "architectures": ["MistralForCausalLM"],
-        "model_type": "mistral",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rope_theta": cfg.rotary_base,
-        "sliding_window": cfg.sliding_window,
-        "rms_norm_eps": cfg.norm_epsilon,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "initializer_range": 0.02,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-    }
-
-
 def make_checkpoint(path: Path, preset: str, seed: int, shard_bytes: int) -> None:
     """A random bf16 HF checkpoint, sharded like ``save_pretrained`` (index + model-0000X-of-0000N)."""
     import torch
     from safetensors.torch import save_file
 
+    from c2f_megatron.checkpoint.hf_mistral import expected_hf_shapes, hf_config_from_model
     from c2f_megatron.models.config import get_preset
 
     if (path / "model.safetensors.index.json").is_file():
@@ -102,7 +53,7 @@ def make_checkpoint(path: Path, preset: str, seed: int, shard_bytes: int) -> Non
     tmp.mkdir(parents=True)
     groups: list[list[str]] = [[]]
     size = 0
-    shapes = hf_tensor_shapes(cfg)
+    shapes = expected_hf_shapes(cfg)
     for name, shape in shapes.items():
         nbytes = 2 * int(torch.Size(shape).numel())
         if groups[-1] and size + nbytes > shard_bytes:
@@ -121,7 +72,7 @@ def make_checkpoint(path: Path, preset: str, seed: int, shard_bytes: int) -> Non
         del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config_from_model(cfg, "bf16"), indent=2))
     os.replace(tmp, path)
 
 
