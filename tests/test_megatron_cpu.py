@@ -16,18 +16,18 @@ from c2f_megatron.platform.megatron_cpu import (
 from tests.launch import run_python
 
 
-def _probe(*args: str) -> dict[str, str]:
-    return json.loads(run_python("redirect_probe.py", list(args)).strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict[str, str]]:
+    return json.loads(run_python("redirect_probe.py", []).strip().splitlines()[-1])
 
 
-def test_all_paths_work_with_redirections():
-    results = _probe("--all")
-    assert results == {name: "ok" for name in CPU_REDIRECTS}
+def test_all_paths_work_with_redirections(probes):
+    assert probes["all"] == {name: "ok" for name in CPU_REDIRECTS}
 
 
 @pytest.mark.parametrize("name", list(CPU_REDIRECTS))
-def test_path_fails_without_its_redirection(name):
-    result = _probe("--without", name)[name]
+def test_path_fails_without_its_redirection(probes, name):
+    result = probes[f"without:{name}"][name]
     assert result != "ok", f"{name}: megatron path worked without the redirection; it is not needed"
 
 

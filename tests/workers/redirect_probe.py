@@ -1,14 +1,13 @@
 """Exercise the megatron code path behind each CPU redirection, with or without that redirection.
 
-``--without NAME`` applies every redirection except NAME and runs NAME's probe; ``--all`` applies all and
-runs every probe. Prints one JSON object: probe name -> "ok" or the error it raised.
+One case applies every redirection and runs every probe; one case per redirection applies all but that one
+and runs its probe. Prints one JSON object: case -> {probe name -> "ok" or the error it raised}.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
+import multiprocessing
 
 import torch
 import torch.distributed as dist
@@ -84,33 +83,48 @@ PROBES = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--without")
-    group.add_argument("--all", action="store_true")
-    args = parser.parse_args()
-    assert set(PROBES) == set(megatron_cpu.CPU_REDIRECTS), "every redirection needs a probe"
-    names = tuple(n for n in megatron_cpu.CPU_REDIRECTS if n != args.without)
+def run_case(without: str | None) -> dict[str, str]:
+    """In this (fresh, forked) process: apply every redirection but ``without``, then run the probes."""
+    names = tuple(n for n in megatron_cpu.CPU_REDIRECTS if n != without)
     megatron_cpu.apply(cpu=True, only=names)
 
     from megatron.core import parallel_state
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     from tests.launch import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     results = {}
-    for name in PROBES if args.all else [args.without]:
+    for name in PROBES if without is None else [without]:
         try:
             PROBES[name]()
             results[name] = "ok"
         except Exception as exc:  # the point: report what megatron raises without the redirection
             results[name] = f"{type(exc).__name__}: {exc}"[:300]
-    print(json.dumps(results))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+    return results
+
+
+def _child(without: str | None, queue) -> None:
+    queue.put(run_case(without))
+
+
+def main() -> None:
+    """Every case in its own forked child: the redirections are process-global, megatron is imported once."""
+    assert set(PROBES) == set(megatron_cpu.CPU_REDIRECTS), "every redirection needs a probe"
+    import megatron.core.optimizer  # noqa: F401  (import once, before forking)
+
+    ctx = multiprocessing.get_context("fork")
+    report: dict[str, dict[str, str]] = {}
+    for without in [None, *PROBES]:
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child, args=(without, queue))
+        child.start()
+        result = queue.get(timeout=300)
+        child.join()
+        report["all" if without is None else f"without:{without}"] = result
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
