@@ -71,16 +71,7 @@ AGIEVAL_CHINESE_MC = (
     "gaokao-mathqa",
 )
 # The usual "AGIEval (en)" multiple-choice set (lm-eval agieval_en without the cloze task "math").
-AGIEVAL_DEFAULT = (
-    "lsat-ar",
-    "lsat-lr",
-    "lsat-rc",
-    "logiqa-en",
-    "sat-math",
-    "sat-en",
-    "sat-en-without-passage",
-    "aqua-rat",
-)
+AGIEVAL_DEFAULT = tuple(t for t in AGIEVAL_ENGLISH_MC if t != "gaokao-english")
 AGIEVAL_UNSUPPORTED = {
     "jec-qa-ca": "every question may have several correct options (multi-label)",
     "jec-qa-kd": "every question may have several correct options (multi-label)",
@@ -227,9 +218,10 @@ def _other_index(i: int, n: int, seed: int) -> int:
 # ----------------------------------------------------------------------------------------------- file I/O
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, error: type[ValueError] = BenchmarkDataError) -> list[dict[str, Any]]:
+    """All records of a JSON Lines file; a missing file or a bad line raises ``error`` naming file:line."""
     if not path.is_file():
-        raise BenchmarkDataError(f"{path}: file not found")
+        raise error(f"{path}: file not found")
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -237,13 +229,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise BenchmarkDataError(f"{path}:{lineno}: invalid JSON ({e})") from e
+                    raise error(f"{path}:{lineno}: invalid JSON ({e})") from e
     return rows
 
 
-def _field(row: dict[str, Any], key: str, where: str) -> Any:
+def require_field(
+    row: dict[str, Any], key: str, where: str, error: type[ValueError] = BenchmarkDataError
+) -> Any:
+    """``row[key]``, or ``error`` naming the record (``where``) and the missing field."""
     if key not in row:
-        raise BenchmarkDataError(f"{where}: missing field {key!r}")
+        raise error(f"{where}: missing field {key!r}")
     return row[key]
 
 
@@ -376,10 +371,10 @@ def _load_arc(
             for r in ds
         ]
     path = _require_dir(data_dir, "arc") / f"arc_{split}.jsonl"
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     for k, r in enumerate(rows, 1):
         for key in ("query", "choices", "gold"):
-            _field(r, key, f"{path}:{k}")
+            require_field(r, key, f"{path}:{k}")
         if not 0 <= r["gold"] < len(r["choices"]):
             raise BenchmarkDataError(
                 f"{path}:{k}: field 'gold' {r['gold']} out of range for {len(r['choices'])} choices"
@@ -423,12 +418,12 @@ def _load_winogrande(data_dir: Path | None, source: Source) -> list[dict[str, An
             )
         return rows
     path = _require_dir(data_dir, "winogrande") / "winogrande.jsonl"
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     for k, r in enumerate(rows, 1):
-        if len(_field(r, "context_options", f"{path}:{k}")) != 2:
+        if len(require_field(r, "context_options", f"{path}:{k}")) != 2:
             raise BenchmarkDataError(f"{path}:{k}: field 'context_options' must have 2 entries")
-        _field(r, "continuation", f"{path}:{k}")
-        if _field(r, "gold", f"{path}:{k}") not in (0, 1):
+        require_field(r, "continuation", f"{path}:{k}")
+        if require_field(r, "gold", f"{path}:{k}") not in (0, 1):
             raise BenchmarkDataError(f"{path}:{k}: field 'gold' must be 0 or 1")
     return rows
 
@@ -536,11 +531,11 @@ def agieval_items(
         if task not in AGIEVAL_ENGLISH_MC + AGIEVAL_CHINESE_MC:
             raise BenchmarkDataError(f"unknown AGIEval task {task!r}")
         path = root / "v1" / f"{task}.jsonl"
-        for k, r in enumerate(_read_jsonl(path)):
+        for k, r in enumerate(read_jsonl(path)):
             where = f"{path}:{k + 1}"
-            label = _agieval_label(_field(r, "label", where), where)
+            label = _agieval_label(require_field(r, "label", where), where)
             if label is not None:
-                if not _field(r, "options", where) or LETTERS.index(label) >= len(r["options"]):
+                if not require_field(r, "options", where) or LETTERS.index(label) >= len(r["options"]):
                     raise BenchmarkDataError(
                         f"{where}: field 'label' {label!r} not among {len(r['options'] or [])} options"
                     )
@@ -609,10 +604,10 @@ def bbh_items(
             path = root / f"{task}.json"
             if not path.is_file():
                 raise BenchmarkDataError(f"{path}: file not found")
-            examples = _field(json.loads(path.read_text(encoding="utf-8")), "examples", str(path))
+            examples = require_field(json.loads(path.read_text(encoding="utf-8")), "examples", str(path))
         for k, ex in enumerate(examples):
-            _field(ex, "input", f"{task}.json examples[{k}]")
-            _field(ex, "target", f"{task}.json examples[{k}]")
+            require_field(ex, "input", f"{task}.json examples[{k}]")
+            require_field(ex, "target", f"{task}.json examples[{k}]")
             pool.append((task, k, ex))
     items = []
     for i in select_indices(len(pool), limit, seed):
@@ -645,12 +640,12 @@ def gsm8k_items(data_dir: Path | None, source: Source, limit: int | None, seed: 
         where = "gsm8k (hub) test"
     else:
         path = _require_dir(data_dir, "gsm8k") / "test.jsonl"
-        rows, where = _read_jsonl(path), str(path)
+        rows, where = read_jsonl(path), str(path)
     items = []
     for i in select_indices(len(rows), limit, seed):
-        q = _field(rows[i], "question", f"{where}:{i + 1}")
+        q = require_field(rows[i], "question", f"{where}:{i + 1}")
         try:
-            gold = parse_gsm8k_gold(_field(rows[i], "answer", f"{where}:{i + 1}"))
+            gold = parse_gsm8k_gold(require_field(rows[i], "answer", f"{where}:{i + 1}"))
         except ValueError as e:
             raise BenchmarkDataError(f"{where}:{i + 1}: field 'answer': {e}") from e
         items.append(GenerationItem(f"gsm8k/{i}", "gsm8k", gsm8k_prompt(q), gold, "gsm8k", 0.0))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from c2f_megatron.eval.benchmarks import read_jsonl, require_field
+
 # The categories of MT-Bench (and the axes of the paper's Figure 3), in that order.
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 # FastChat's NEED_REF_CATS: judged with the reference-guided "math" prompts and GPT-4 reference answers.
@@ -80,22 +82,11 @@ class JudgeRequest:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise MTBenchDataError(f"{path}: file not found")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise MTBenchDataError(f"{path}:{lineno}: invalid JSON ({e})") from e
-    return rows
+    return read_jsonl(path, MTBenchDataError)
 
 
 def _get(row: dict[str, Any], key: str, where: str) -> Any:
-    if key not in row:
-        raise MTBenchDataError(f"{where}: missing field {key!r}")
-    return row[key]
+    return require_field(row, key, where, MTBenchDataError)
 
 
 def load_questions(path: Path | str) -> list[Question]:
