@@ -150,14 +150,15 @@ def commit_output(tmp: Path, out_dir: str | Path, metadata: CheckpointMetadata |
 def sharded_model_state(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
     """The sharded state dict of all this rank's model chunks (one key space across VPP chunks)."""
     if len(model_chunks) == 1:
-        return _unwrap(model_chunks[0]).sharded_state_dict()
+        return unwrap_model(model_chunks[0]).sharded_state_dict()
     state: dict[str, Any] = {}
     for i, chunk in enumerate(model_chunks):
-        state[f"model{i}"] = _unwrap(chunk).sharded_state_dict()
+        state[f"model{i}"] = unwrap_model(chunk).sharded_state_dict()
     return state
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare megatron model inside DDP / Float16Module wrappers."""
     while hasattr(module, "module"):
         module = module.module
     return module
@@ -206,8 +207,8 @@ def load_model_checkpoint(
     metadata = read_metadata(ckpt_dir)
     state = load_dist_state(sharded_model_state(model_chunks), Path(ckpt_dir) / MODEL_SUBDIR)
     if len(model_chunks) == 1:
-        _unwrap(model_chunks[0]).load_state_dict(state)
+        unwrap_model(model_chunks[0]).load_state_dict(state)
     else:
         for i, chunk in enumerate(model_chunks):
-            _unwrap(chunk).load_state_dict(state[f"model{i}"])
+            unwrap_model(chunk).load_state_dict(state[f"model{i}"])
     return metadata

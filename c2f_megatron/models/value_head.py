@@ -97,10 +97,10 @@ def load_backbone_checkpoint(model_chunks: list, ckpt_dir: str | Path):
     from c2f_megatron.checkpoint.megatron_dir import (
         MODEL_SUBDIR,
         CheckpointError,
-        _unwrap,
         load_dist_state,
         read_metadata,
         sharded_model_state,
+        unwrap_model,
     )
 
     metadata = read_metadata(ckpt_dir)
@@ -120,7 +120,7 @@ def load_backbone_checkpoint(model_chunks: list, ckpt_dir: str | Path):
     loaded = load_dist_state(state, Path(ckpt_dir) / MODEL_SUBDIR)
     for i, chunk in enumerate(model_chunks):
         sub = loaded if len(model_chunks) == 1 else loaded[f"model{i}"]
-        result = _unwrap(chunk).load_state_dict(sub, strict=False)
+        result = unwrap_model(chunk).load_state_dict(sub, strict=False)
         missing = [
             k
             for k in result.missing_keys

@@ -27,7 +27,12 @@ from typing import Any
 
 import torch
 
-from c2f_megatron.checkpoint.megatron_dir import CheckpointError, CheckpointMetadata, read_metadata
+from c2f_megatron.checkpoint.megatron_dir import (
+    CheckpointError,
+    CheckpointMetadata,
+    read_metadata,
+    unwrap_model,
+)
 from c2f_megatron.models.config import ModelConfig
 from c2f_megatron.rl.config import PPOJobConfig
 from c2f_megatron.rl.experience import Experience, experience_metrics, finalize, normalize_scores
@@ -158,10 +163,6 @@ def _build(kind: str, model_cfg: ModelConfig, ckpt: Path | None) -> list[torch.n
     return chunks
 
 
-def _unwrapped_state(chunks) -> list[dict[str, torch.Tensor]]:
-    return [getattr(c, "module", c).state_dict() for c in chunks]
-
-
 @dataclass
 class Workers:
     actor: ActorWorker
@@ -184,8 +185,8 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
 
     actor_chunks = _build("gpt", actor_cfg, actor_ckpt)
     ref_chunks = _build("gpt", actor_cfg, None)
-    for ref, state in zip(ref_chunks, _unwrapped_state(actor_chunks)):
-        ref.load_state_dict(state)
+    for ref, actor in zip(ref_chunks, actor_chunks):
+        ref.load_state_dict(unwrap_model(actor).state_dict())
     actor_tm = setup_training(actor_chunks, cfg.actor.optim, actor_cfg, cfg.ppo.iterations)
 
     reward: RewardFunction
