@@ -48,12 +48,15 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the job config")
     args = parser.parse_args()
 
-    from megatron.core import parallel_state as ps
-
     from c2f_megatron.config import load_config
     from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
     from c2f_megatron.rl.config import PPOJobConfig
-    from c2f_megatron.rl.experience import Experience, finalize, normalize_scores
+    from c2f_megatron.rl.experience import (
+        Experience,
+        finalize,
+        gather_experience,
+        normalize_scores,
+    )
     from c2f_megatron.rl.ppo_trainer import build_workers, iteration_prompts, ppo_update
     from c2f_megatron.rl.rollout import GenerationConfig
 
@@ -79,12 +82,13 @@ def main() -> None:
     cfg = load_config(PPOJobConfig, args.config, overrides)
     init_distributed(cfg.parallel)
     w = build_workers(cfg)
-    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    _, mini_rows = cfg.ppo.per_rank(dp_size)
+    dp_size, dp_rank = w.actor.layout.dp, w.actor.layout.dp_rank
     length = args.length if not args.config else cfg.length.cm.initial_length
     report = {}
     for it in range(args.iterations):
-        prompts = iteration_prompts(w.source, it, cfg.ppo.rollout_batch_size, cfg.ppo.seed, dp_rank, dp_size)
+        prompts, offset = iteration_prompts(
+            w.source, it, cfg.ppo.rollout_batch_size, cfg.ppo.seed, dp_rank, dp_size
+        )
         gen = GenerationConfig(
             max_new_tokens=length,
             temperature=cfg.generation.temperature,
@@ -93,17 +97,17 @@ def main() -> None:
             seed=it,
         )
         t: dict[str, float] = {}
-        rollout, t["rollout"] = timed(w.actor.generate, prompts, gen)
-        exp = Experience.from_rollout(rollout)
+        rollout, t["rollout"] = timed(w.actor.generate, prompts, gen, offset)
+        exp = gather_experience(Experience.from_rollout(rollout), w.actor.layout, w.source.pad_id)
         (exp.old_logprobs, exp.entropy), t["actor_logprobs"] = timed(w.actor.compute_log_probs, exp)
         exp.ref_logprobs, t["ref_logprobs"] = timed(w.reference.compute_log_probs, exp)
         exp.values, t["critic_values"] = timed(w.critic.compute_values, exp)
         exp.raw_scores, t["reward"] = timed(w.reward.score, exp)
         exp.scores = normalize_scores(exp.raw_scores, w.reward.mean, w.reward.std, cfg.reward.clip)
         _, t["gae"] = timed(finalize, exp, 0.05, cfg.ppo.kl_estimator, cfg.ppo.gamma, cfg.ppo.lam, True)
-        _, t["ppo_update"] = timed(ppo_update, w, cfg, exp, mini_rows, it, True)
+        _, t["ppo_update"] = timed(ppo_update, w, cfg, exp, it, True)
         total = sum(t.values())
-        tokens = exp.tokens.numel() * dp_size
+        tokens = exp.tokens.numel()
         report = {
             "iteration": it,
             "total_s": round(total, 3),
@@ -115,9 +119,9 @@ def main() -> None:
             print(json.dumps(report), flush=True)
     if is_rank_zero():
         print(
-            f"one PPO iteration ({cfg.ppo.rollout_batch_size} prompts x {length} new tokens, "
-            f"TP {ps.get_tensor_model_parallel_world_size()} PP {ps.get_pipeline_model_parallel_world_size()} "
-            f"DP {dp_size}): {report['total_s']} s = " + ", ".join(f"{k} {report[k + '_pct']}%" for k in t)
+            f"one PPO iteration ({cfg.ppo.rollout_batch_size} prompts x {length} new tokens; "
+            f"{w.layouts.describe()}): {report['total_s']} s = "
+            + ", ".join(f"{k} {report[k + '_pct']}%" for k in t)
         )
 
 

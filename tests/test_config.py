@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -68,3 +69,25 @@ def test_override_parsing():
         "d": [1, 2],
         "e": None,
     }
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].joinpath("examples").glob("*.yaml"))
+)
+def test_every_example_config_loads(path: Path) -> None:
+    """The shipped examples parse into their job's typed config (a renamed field breaks them loudly)."""
+    import importlib
+
+    from c2f_megatron.pipeline import PipelineConfig
+    from c2f_megatron.rl.config import PPOJobConfig
+    from c2f_megatron.training.cli import JOBS
+
+    kind = path.stem.split("_")[0]
+    if kind == "coarse":
+        cls = PPOJobConfig
+    elif kind == "pipeline":
+        cls = PipelineConfig
+    else:
+        module, name, _ = JOBS[{"lm": "train-lm", "sft": "train-sft", "rm": "train-rm"}[kind]]
+        cls = getattr(importlib.import_module(module), name)
+    load_config(cls, path)

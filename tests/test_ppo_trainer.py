@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from c2f_megatron.rl.experience import Experience, dp_masked_whiten, finalize, normalize_scores
+from c2f_megatron.rl.experience import Experience, finalize, normalize_scores
 from c2f_megatron.rl.workers import TokenFrequencyReward
 from tests.launch import run_python, run_torchrun
 
@@ -82,14 +82,6 @@ def test_finalize_puts_score_on_last_token_and_whitens() -> None:
     assert exp.returns[:, 0].tolist() == pytest.approx([0.25 - 0.15, -0.25 - 0.15])
     assert exp.advantages.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert exp.advantages.std().item() == pytest.approx(1.0, abs=1e-4)
-
-
-def test_dp_whiten_equals_core_whiten_without_dp() -> None:
-    from c2f_megatron.rl.core_algos import masked_whiten
-
-    x = torch.randn(4, 6)
-    mask = torch.rand(4, 6) > 0.3
-    assert torch.allclose(dp_masked_whiten(x, mask), masked_whiten(x, mask), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ end to end

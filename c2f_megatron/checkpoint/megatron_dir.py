@@ -148,13 +148,22 @@ def commit_output(tmp: Path, out_dir: str | Path, metadata: CheckpointMetadata |
 
 
 def sharded_model_state(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    """The sharded state dict of all this rank's model chunks (one key space across VPP chunks)."""
+    """The sharded state dict of all this rank's model chunks (one key space across VPP chunks).
+
+    Replica ids come from the data-parallel group of the model's own process groups, so a PPO role built
+    on its own layout (``platform.role_layout``) saves and loads like a model on the global one.
+    """
     if len(model_chunks) == 1:
-        return unwrap_model(model_chunks[0]).sharded_state_dict()
+        return _sharded_state(unwrap_model(model_chunks[0]))
     state: dict[str, Any] = {}
     for i, chunk in enumerate(model_chunks):
-        state[f"model{i}"] = unwrap_model(chunk).sharded_state_dict()
+        state[f"model{i}"] = _sharded_state(unwrap_model(chunk))
     return state
+
+
+def _sharded_state(model: torch.nn.Module) -> dict[str, Any]:
+    dp_cp = getattr(getattr(model, "pg_collection", None), "dp_cp", None)
+    return model.sharded_state_dict(metadata=None if dp_cp is None else {"dp_cp_group": dp_cp})
 
 
 def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:

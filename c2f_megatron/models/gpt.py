@@ -12,43 +12,54 @@ from torch import Tensor
 
 from c2f_megatron.models.config import ModelConfig, to_transformer_config
 from c2f_megatron.models.specs import get_layer_spec
+from c2f_megatron.platform.role_layout import RoleLayout, global_layout
 
 
-def build_gpt_model(model_cfg: ModelConfig, vp_stage: int | None = None, **config_overrides):
-    """One GPTModel chunk for this rank (pre/post-process set from the pipeline position)."""
+def build_gpt_model(
+    model_cfg: ModelConfig, vp_stage: int | None = None, layout: RoleLayout | None = None, **config_overrides
+):
+    """One GPTModel chunk for this rank (pre/post-process set from the pipeline position).
+
+    ``layout``: the role's own TP/PP groups (default: megatron's global ``parallel_state``).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    layout = layout or global_layout()
+    tp, pp, vpp = layout.tp, layout.pp, layout.vpp
     config = to_transformer_config(model_cfg, tp, pp, vpp, **config_overrides)
+    if layout.is_global:
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    else:
+        pre, post = layout.is_first_stage, layout.is_last_stage
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_layer_spec(model_cfg.layer_spec),
         vocab_size=model_cfg.padded_vocab_size(tp),
         max_sequence_length=model_cfg.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        pre_process=pre,
+        post_process=post,
         share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=model_cfg.rotary_base,
         vp_stage=vp_stage,
+        pg_collection=layout.pg_collection,
     )
     from c2f_megatron.platform.distributed import device
 
     return model.to(device())
 
 
-def build_model_chunks(model_cfg: ModelConfig, **config_overrides) -> list:
+def build_model_chunks(model_cfg: ModelConfig, layout: RoleLayout | None = None, **config_overrides) -> list:
     """All chunks this rank holds: one, or one per virtual pipeline stage (interleaved schedule)."""
-    from megatron.core import parallel_state
-
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    if vpp is None:
-        return [build_gpt_model(model_cfg, **config_overrides)]
-    return [build_gpt_model(model_cfg, vp_stage=i, **config_overrides) for i in range(vpp)]
+    layout = layout or global_layout()
+    if layout.vpp is None:
+        return [build_gpt_model(model_cfg, layout=layout, **config_overrides)]
+    return [
+        build_gpt_model(model_cfg, vp_stage=i, layout=layout, **config_overrides) for i in range(layout.vpp)
+    ]
 
 
 def mask_padded_vocab(logits: Tensor, true_vocab_size: int, vocab_start: int = 0) -> Tensor:

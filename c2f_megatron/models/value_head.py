@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from c2f_megatron.models.config import ModelConfig
+from c2f_megatron.platform.role_layout import RoleLayout, global_layout
 
 VALUE_HEAD_KEY = "output_layer.weight"
 
@@ -46,7 +47,13 @@ class ValueHead(torch.nn.Module):
         return values, None
 
 
-def build_value_model(model_cfg: ModelConfig, vp_stage: int | None = None, head_seed: int = 0, **overrides):
+def build_value_model(
+    model_cfg: ModelConfig,
+    vp_stage: int | None = None,
+    head_seed: int = 0,
+    layout: RoleLayout | None = None,
+    **overrides,
+):
     """A ``GPTModel`` for this rank's pipeline position whose last stage ends in a ``ValueHead``.
 
     Forward on the last stage returns ``[b, s, 1]`` (float32) values; other stages return hidden states.
@@ -54,7 +61,7 @@ def build_value_model(model_cfg: ModelConfig, vp_stage: int | None = None, head_
     from c2f_megatron.models.gpt import build_gpt_model
     from c2f_megatron.platform.distributed import device
 
-    model = build_gpt_model(model_cfg, vp_stage=vp_stage, **overrides)
+    model = build_gpt_model(model_cfg, vp_stage=vp_stage, layout=layout, **overrides)
     if model.share_embeddings_and_output_weights:
         raise ValueError("a value model needs untie_embeddings_and_output_weights: true (it has no LM head)")
     if model.post_process:
@@ -62,14 +69,17 @@ def build_value_model(model_cfg: ModelConfig, vp_stage: int | None = None, head_
     return model
 
 
-def build_value_model_chunks(model_cfg: ModelConfig, head_seed: int = 0, **overrides) -> list:
+def build_value_model_chunks(
+    model_cfg: ModelConfig, head_seed: int = 0, layout: RoleLayout | None = None, **overrides
+) -> list:
     """All chunks of this rank (one per virtual pipeline stage when interleaving)."""
-    from megatron.core import parallel_state
-
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    if vpp is None:
-        return [build_value_model(model_cfg, head_seed=head_seed, **overrides)]
-    return [build_value_model(model_cfg, vp_stage=i, head_seed=head_seed, **overrides) for i in range(vpp)]
+    layout = layout or global_layout()
+    if layout.vpp is None:
+        return [build_value_model(model_cfg, head_seed=head_seed, layout=layout, **overrides)]
+    return [
+        build_value_model(model_cfg, vp_stage=i, head_seed=head_seed, layout=layout, **overrides)
+        for i in range(layout.vpp)
+    ]
 
 
 def last_token_index(attention_valid: Tensor) -> Tensor:

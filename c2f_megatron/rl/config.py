@@ -1,10 +1,13 @@
 """Typed job configuration of ``c2f coarse-actor``: one YAML, ``key.path=value`` overrides, errors naming the field.
 
-Sections: ``model`` (architecture for roles built from scratch: tests, benchmarks), ``parallel`` (one TP/PP
-layout shared by every role in this version), ``actor`` / ``critic`` (init checkpoint + optimizer; paper lrs
-5e-6 / 5e-7), ``reward`` (reward model or a programmatic reward, normalisation, clip), ``ppo`` (batch geometry,
-epochs, clipping, GAE), ``kl`` (controller + estimator), ``length`` (Continuous Maximization), ``generation``
-(sampling), ``data`` (prompt stream), ``checkpoint``, ``logging``.
+Sections: ``model`` (architecture for roles built from scratch: tests, benchmarks), ``parallel`` (the actor's
+TP/PP: megatron's global layout, which the rollout uses), ``actor`` / ``critic`` (init checkpoint + optimizer;
+paper lrs 5e-6 / 5e-7), ``reference``, ``reward`` (reward model or a programmatic reward, normalisation,
+clip), ``ppo`` (batch geometry, epochs, clipping, GAE), ``kl`` (controller + estimator), ``length`` (Continuous
+Maximization), ``generation`` (sampling), ``data`` (prompt stream), ``checkpoint``, ``logging``.
+
+Every role lives on all ranks; ``critic.parallel``, ``reference.parallel`` and ``reward.parallel`` give a role
+its own TP/PP (unset: the actor's), its data-parallel size being what is left of the world.
 """
 
 from __future__ import annotations
@@ -15,9 +18,24 @@ from typing import Literal
 from c2f_megatron.data.hh_rlhf import HHDataConfig
 from c2f_megatron.data.templates import COARSE_ACTOR_SYSTEM_PROMPT
 from c2f_megatron.platform.distributed import ParallelConfig
+from c2f_megatron.platform.role_layout import LayoutSpec
 from c2f_megatron.rl.kl_control import KLControlConfig
 from c2f_megatron.rl.length_control import LengthControlConfig
 from c2f_megatron.training.config import LoggingConfig, ModelSection, OptimConfig
+
+
+@dataclass
+class RoleParallel:
+    """A role's own tensor/pipeline parallel sizes; null fields take the actor's (``parallel``)."""
+
+    tensor_model_parallel_size: int | None = None
+    pipeline_model_parallel_size: int | None = None
+
+    def resolve(self, actor: ParallelConfig) -> LayoutSpec:
+        return LayoutSpec(
+            self.tensor_model_parallel_size or actor.tensor_model_parallel_size,
+            self.pipeline_model_parallel_size or actor.pipeline_model_parallel_size,
+        )
 
 
 def _actor_optim() -> OptimConfig:
@@ -46,6 +64,14 @@ class CriticConfig:
 
     init_from: str | None = None
     optim: OptimConfig = field(default_factory=_critic_optim)
+    parallel: RoleParallel = field(default_factory=RoleParallel)
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference policy (the actor's initial weights) on its own layout."""
+
+    parallel: RoleParallel = field(default_factory=RoleParallel)
 
 
 @dataclass
@@ -62,6 +88,7 @@ class RewardSection:
     normalize: bool = True
     clip: float | None = 5.0
     target_token: int = 0
+    parallel: RoleParallel = field(default_factory=RoleParallel)
 
     def __post_init__(self) -> None:
         if self.kind == "model" and not self.path:
@@ -104,20 +131,17 @@ class PPOConfig:
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
 
-    def per_rank(self, dp_size: int) -> tuple[int, int]:
-        """(rollout rows, minibatch rows) on each data-parallel rank; both must split into micro-batches."""
-        for name in ("rollout_batch_size", "mini_batch_size"):
-            if getattr(self, name) % dp_size:
+    def check_role(self, role: str, dp_size: int, trained: bool) -> None:
+        """A role at data-parallel size ``dp_size`` splits the rollout batch (and, when ``trained``, every
+        minibatch) into whole micro-batches per rank."""
+        names = ("rollout_batch_size", "mini_batch_size") if trained else ("rollout_batch_size",)
+        for name in names:
+            rows = getattr(self, name)
+            if rows % (dp_size * self.micro_batch_size):
                 raise ValueError(
-                    f"ppo.{name} {getattr(self, name)} is not a multiple of the DP size {dp_size}"
+                    f"ppo.{name} {rows} must be a multiple of {role} DP size {dp_size} x "
+                    f"ppo.micro_batch_size {self.micro_batch_size}"
                 )
-        rollout, mini = self.rollout_batch_size // dp_size, self.mini_batch_size // dp_size
-        if mini % self.micro_batch_size:
-            raise ValueError(
-                f"ppo.mini_batch_size / DP = {mini} is not a multiple of ppo.micro_batch_size "
-                f"{self.micro_batch_size}"
-            )
-        return rollout, mini
 
 
 @dataclass
@@ -175,6 +199,7 @@ class PPOJobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward: RewardSection = field(default_factory=lambda: RewardSection(kind="token_frequency"))
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kl: KLControlConfig = field(default_factory=KLControlConfig)

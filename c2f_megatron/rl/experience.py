@@ -4,8 +4,13 @@
 response (R) | right pad]``: every per-token tensor is ``[b, R]`` and aligned with the response tokens, so
 response token ``j`` sits at column ``P + j`` of ``tokens`` and its logits/values at slot ``P + j - 1``.
 Fields are filled in order by the workers (rollout -> log-probs/values/scores -> ``finalize``); the PPO
-update reads slices (``select``, ``split``). The math is ``core_algos``; this module only wires it and
-makes the batch statistics data-parallel (whitening and logged means over all DP ranks).
+update reads slices (``select``, ``split``). The math is ``core_algos``; this module only wires it.
+
+Data parallelism: after the rollout, the actor's data-parallel ranks exchange their rows
+(``gather_experience``), so every rank holds the whole iteration's batch; each role then works on its
+own data-parallel slice (``dp_shard``) and gathers its results back (``gather_rows``). Roles may have
+different DP sizes (their own TP/PP), and batch statistics (whitening, logged means) are plain functions
+of the whole batch, the same on every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from c2f_megatron.platform.role_layout import RoleLayout
 from c2f_megatron.rl import core_algos
 from c2f_megatron.rl.rollout import RolloutBatch, padded_causal_mask
 
@@ -66,6 +72,15 @@ class Experience:
     def select(self, rows: Tensor) -> Experience:
         return Experience(**{k: None if v is None else v[rows] for k, v in self._fields().items()})
 
+    def dp_shard(self, dp_rank: int, dp_size: int) -> Experience:
+        """Rows ``[rank * b/dp, (rank+1) * b/dp)``: one data-parallel rank's contiguous slice."""
+        if len(self) % dp_size:
+            raise ValueError(f"{len(self)} rows do not split over {dp_size} data-parallel ranks")
+        if dp_size == 1:
+            return self
+        per = len(self) // dp_size
+        return self.select(torch.arange(dp_rank * per, (dp_rank + 1) * per, device=self.tokens.device))
+
     def split(self, size: int) -> list[Experience]:
         """Consecutive slices of ``size`` rows (micro-batches)."""
         if len(self) % size:
@@ -81,25 +96,47 @@ class Experience:
             raise ValueError(f"experience is missing {missing}; run the workers that fill them first")
 
 
-def _dp_sum(values: list[Tensor]) -> list[Tensor]:
-    """Sum scalars over the data-parallel group (one all-reduce); identity without DP."""
-    from megatron.core import parallel_state as ps
+def gather_rows(local: Tensor, layout: RoleLayout) -> Tensor:
+    """Concatenate every data-parallel rank's rows of ``layout`` in rank order (identity without DP)."""
+    if layout.dp == 1:
+        return local
+    flag = local.dtype == torch.bool  # gloo has no bool all_gather
+    x = local.to(torch.uint8) if flag else local
+    parts = [torch.empty_like(x) for _ in range(layout.dp)]
+    torch.distributed.all_gather(parts, x.contiguous(), group=layout.dp_group)
+    out = torch.cat(parts)
+    return out.bool() if flag else out
 
-    stacked = torch.stack([v.double().reshape(()) for v in values])
-    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(stacked, group=ps.get_data_parallel_group())
-    return list(stacked.unbind())
+
+def _pad(x: Tensor, left: int, right: int, value: float | int | bool) -> Tensor:
+    if not left and not right:
+        return x
+    return torch.nn.functional.pad(
+        x if x.dtype != torch.bool else x.to(torch.uint8), (left, right), value=value
+    ).to(x.dtype)
 
 
-def dp_masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """``core_algos.masked_whiten`` with the mean/variance of the valid tokens of *all* DP ranks."""
-    m = mask.bool()
-    xs = torch.where(m, x.double(), 0.0)
-    total, sq, count = _dp_sum([xs.sum(), (xs * xs).sum(), m.sum()])
-    mean = total / count.clamp_min(1)
-    var = (sq / count.clamp_min(1) - mean * mean).clamp_min(0) * count / (count - 1).clamp_min(1)
-    out = (x.double() - mean) * torch.rsqrt(var + eps)
-    return torch.where(m, out, 0.0).to(x.dtype)
+def gather_experience(exp: Experience, layout: RoleLayout, pad_id: int) -> Experience:
+    """The rollout rows of all data-parallel ranks of ``layout``, in rank order, on every rank.
+
+    Ranks pad their prompts (left) and responses (right) to the widest of the group first; extra left
+    padding is masked like the rollout's own, so log-probs and values do not change.
+    """
+    if layout.dp == 1:
+        return exp
+    widths = torch.tensor([exp.prompt_width, exp.response_width], device=exp.tokens.device)
+    torch.distributed.all_reduce(widths, op=torch.distributed.ReduceOp.MAX, group=layout.dp_group)
+    left, right = int(widths[0]) - exp.prompt_width, int(widths[1]) - exp.response_width
+    fields = {
+        "tokens": _pad(exp.tokens, left, right, pad_id),
+        "prompt_mask": _pad(exp.prompt_mask, left, 0, False),
+        "response_mask": _pad(exp.response_mask, 0, right, False),
+        "hit_limit": exp.hit_limit,
+        "rollout_logprobs": None
+        if exp.rollout_logprobs is None
+        else _pad(exp.rollout_logprobs, 0, right, 0.0),
+    }
+    return Experience(**{k: None if v is None else gather_rows(v, layout) for k, v in fields.items()})
 
 
 def normalize_scores(raw: Tensor, mean: float | None, std: float | None, clip: float | None) -> Tensor:
@@ -120,63 +157,42 @@ def finalize(
     lam: float,
     whiten: bool,
 ) -> Experience:
-    """Per-token KL, token rewards (score at the last generated token), GAE and (DP-)whitened advantages."""
+    """Per-token KL, token rewards (score at the last generated token), GAE and whitened advantages."""
     exp.require("old_logprobs", "ref_logprobs", "values", "scores")
     mask = exp.response_mask
     exp.kl = torch.where(mask, core_algos.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kl_estimator), 0.0)
     exp.token_rewards = core_algos.compute_token_rewards(exp.scores, exp.kl, kl_coef, mask)
     advantages, exp.returns = core_algos.compute_gae(exp.token_rewards, exp.values, mask, gamma, lam)
-    exp.advantages = dp_masked_whiten(advantages, mask) if whiten else advantages
+    exp.advantages = core_algos.masked_whiten(advantages, mask) if whiten else advantages
     return exp
 
 
 def experience_metrics(exp: Experience) -> dict[str, float]:
-    """Batch statistics over all DP ranks: rewards, KL, entropy, lengths, value fit."""
-    from megatron.core import parallel_state as ps
-
+    """Batch statistics of the whole iteration's batch: rewards, KL, entropy, lengths, value fit."""
     mask = exp.response_mask
-    m = mask.float()
+    m = mask.double()
     lengths = exp.response_lengths.double()
-    rows = torch.tensor(float(len(exp)))
-    sums = _dp_sum(
-        [
-            rows,
-            exp.scores.double().sum(),
-            (exp.scores.double() ** 2).sum(),
-            exp.raw_scores.double().sum(),
-            (exp.kl * m).sum(),
-            m.sum(),
-            (exp.entropy * m).sum() if exp.entropy is not None else torch.tensor(0.0),
-            lengths.sum(),
-            exp.hit_limit.double().sum(),
-            (exp.values * m).sum(),
-            (exp.returns * m).sum(),
-            (((exp.returns - exp.values) * m) ** 2).sum(),
-            ((exp.returns * m) ** 2).sum(),
-            ((exp.old_logprobs - exp.rollout_logprobs).abs() * m).sum()
-            if exp.rollout_logprobs is not None
-            else torch.tensor(0.0),
-        ]
-    )
-    n, s, s2, raw, kl, tok, ent, length, hit, v, r, err2, r2, lp_diff = (float(x) for x in sums)
-    max_len = lengths.max().reshape(())
-    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(
-            max_len, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group()
-        )
-    var_r = r2 / tok - (r / tok) ** 2
+    scores = exp.scores.double()
+    n, tok = float(len(exp)), float(m.sum())
+    returns, values = exp.returns.double() * m, exp.values.double() * m
+    r, v = float(returns.sum()), float(values.sum())
+    var_r = float((returns**2).sum()) / tok - (r / tok) ** 2
     mean_err = (r - v) / tok
-    var_err = err2 / tok - mean_err**2
+    var_err = float(((returns - values) ** 2).sum()) / tok - mean_err**2
+    lp_diff = 0.0
+    if exp.rollout_logprobs is not None:
+        lp_diff = float(((exp.old_logprobs.double() - exp.rollout_logprobs.double()).abs() * m).sum())
+    kl = float((exp.kl.double() * m).sum())
     return {
-        "reward_mean": s / n,
-        "reward_std": max(s2 / n - (s / n) ** 2, 0.0) ** 0.5,
-        "reward_raw_mean": raw / n,
+        "reward_mean": float(scores.mean()),
+        "reward_std": float(scores.var(unbiased=False).clamp_min(0).sqrt()),
+        "reward_raw_mean": float(exp.raw_scores.double().mean()),
         "kl": kl / tok,  # per token
         "kl_per_seq": kl / n,  # nats per response: the adaptive controller's unit
-        "entropy": ent / tok,
-        "response_length_mean": length / n,
-        "response_length_max": float(max_len),
-        "hit_limit_frac": hit / n,
+        "entropy": float((exp.entropy.double() * m).sum()) / tok if exp.entropy is not None else 0.0,
+        "response_length_mean": float(lengths.mean()),
+        "response_length_max": float(lengths.max()),
+        "hit_limit_frac": float(exp.hit_limit.double().mean()),
         "values_mean": v / tok,
         "returns_mean": r / tok,
         "explained_var": 1.0 - var_err / max(var_r, 1e-8),

@@ -2,16 +2,18 @@
 
 One iteration::
 
-    prompts (this DP rank's slice of the seeded prompt stream)
+    prompts (this actor-DP rank's slice of the seeded prompt stream)
     -> actor.generate at the length controller's limit (EOS suppressed: coarse mode)   [rollout]
-    -> actor log-probs, reference log-probs, critic values, reward scores              [scoring]
+    -> rows gathered over the actor's DP ranks: every rank holds the whole batch
+    -> actor log-probs, reference log-probs, critic values, reward scores, each role   [scoring]
+       on its own TP/PP layout and its own DP slice of the rows
     -> KL penalty, token rewards, GAE, whitened advantages (experience.finalize)
     -> PPO epochs over shuffled minibatches: critic step, actor step (after warm-up)    [training]
     -> KL controller and length controller (Continuous Maximization) updates
     -> log, checkpoint
 
-Everything an iteration draws is a function of (ppo.seed, iteration): the prompt order, the sampling seed and
-the minibatch shuffles. So a resumed run (actor, critic, optimizers, KL/length controllers from the
+Everything an iteration draws is a function of (ppo.seed, iteration): the prompt order, the sampling seed of
+every row and the minibatch shuffles, whatever the data-parallel split. So a resumed run (actor, critic, optimizers, KL/length controllers from the
 checkpoint) reproduces the uninterrupted one.
 """
 
@@ -34,8 +36,15 @@ from c2f_megatron.checkpoint.megatron_dir import (
     unwrap_model,
 )
 from c2f_megatron.models.config import ModelConfig
+from c2f_megatron.platform.role_layout import RoleLayout, build_role_layout, global_layout
 from c2f_megatron.rl.config import PPOJobConfig
-from c2f_megatron.rl.experience import Experience, experience_metrics, finalize, normalize_scores
+from c2f_megatron.rl.experience import (
+    Experience,
+    experience_metrics,
+    finalize,
+    gather_experience,
+    normalize_scores,
+)
 from c2f_megatron.rl.kl_control import build_kl_controller
 from c2f_megatron.rl.length_control import build_length_controller
 from c2f_megatron.rl.rollout import GenerationConfig
@@ -117,13 +126,15 @@ def load_prompts(cfg: PPOJobConfig, model_vocab: int) -> PromptSource:
 
 def iteration_prompts(
     source: PromptSource, iteration: int, batch: int, seed: int, dp_rank: int, dp_size: int
-):
-    """This DP rank's prompts of ``iteration``: positions ``[it*B, (it+1)*B)`` of seeded epoch permutations."""
+) -> tuple[list[list[int]], int]:
+    """This DP rank's prompts of ``iteration`` (positions ``[it*B, (it+1)*B)`` of seeded epoch
+    permutations) and the index of its first prompt within the iteration's batch."""
     from c2f_megatron.training.data_order import DataOrder
 
     order = DataOrder(len(source.prompts), seed)
     per_rank = batch // dp_size
-    return [source.prompts[i] for i in order.indices(iteration * batch + dp_rank * per_rank, per_rank)]
+    offset = dp_rank * per_rank
+    return [source.prompts[i] for i in order.indices(iteration * batch + offset, per_rank)], offset
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -154,13 +165,46 @@ def _model_config(cfg: PPOJobConfig, ckpt: Path | None) -> ModelConfig:
     return dataclasses.replace(read_metadata(ckpt).model, **runtime)
 
 
-def _build(kind: str, model_cfg: ModelConfig, ckpt: Path | None) -> list[torch.nn.Module]:
+def _build(kind: str, model_cfg: ModelConfig, ckpt: Path | None, layout: RoleLayout) -> list[torch.nn.Module]:
     from c2f_megatron.training.trainer import build_chunks, load_initial_weights
 
-    chunks = build_chunks(kind, model_cfg)
+    chunks = build_chunks(kind, model_cfg, layout)
     if ckpt is not None:
         load_initial_weights(kind, chunks, ckpt)
     return chunks
+
+
+@dataclass
+class RoleLayouts:
+    """Each PPO role's layout; the actor's is megatron's global one."""
+
+    actor: RoleLayout
+    critic: RoleLayout
+    reference: RoleLayout
+    reward: RoleLayout
+
+    def describe(self) -> str:
+        return "; ".join(x.describe() for x in (self.actor, self.critic, self.reference, self.reward))
+
+
+def build_layouts(cfg: PPOJobConfig) -> RoleLayouts:
+    """Collective (same order on every rank): the process groups of every role whose TP/PP differs from
+    the actor's, after checking that the batch geometry splits over each role's data-parallel size."""
+    actor = global_layout("actor")
+    if actor.vpp is not None:
+        raise ValueError(
+            "parallel.virtual_pipeline_model_parallel_size: the PPO actor needs one model chunk per rank "
+            "(the rollout's KV-cached decoding has no interleaved schedule); unset it"
+        )
+    critic = build_role_layout("critic", cfg.critic.parallel.resolve(cfg.parallel))
+    reference = build_role_layout("reference", cfg.reference.parallel.resolve(cfg.parallel))
+    reward = build_role_layout("reward", cfg.reward.parallel.resolve(cfg.parallel))
+    cfg.ppo.check_role("actor", actor.dp, trained=True)
+    cfg.ppo.check_role("critic", critic.dp, trained=True)
+    cfg.ppo.check_role("reference", reference.dp, trained=False)
+    if cfg.reward.kind == "model":
+        cfg.ppo.check_role("reward", reward.dp, trained=False)
+    return RoleLayouts(actor, critic, reference, reward)
 
 
 @dataclass
@@ -172,10 +216,13 @@ class Workers:
     actor_meta: CheckpointMetadata
     critic_meta: CheckpointMetadata
     source: PromptSource
+    layouts: RoleLayouts
 
 
 def build_workers(cfg: PPOJobConfig) -> Workers:
-    """Actor (+ frozen reference with the same initial weights), critic, reward, and the prompt stream."""
+    """Actor (+ frozen reference with the same initial weights), critic, reward, and the prompt stream,
+    each model on its role's layout."""
+    layouts = build_layouts(cfg)
     actor_ckpt = resolve_checkpoint(cfg.actor.init_from, "actor.init_from") if cfg.actor.init_from else None
     actor_cfg = _model_config(cfg, actor_ckpt)
     source = load_prompts(cfg, actor_cfg.vocab_size)
@@ -183,11 +230,19 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
     suppressed = [eos, *cfg.generation.extra_stop_ids]
     mbs = cfg.ppo.micro_batch_size
 
-    actor_chunks = _build("gpt", actor_cfg, actor_ckpt)
-    ref_chunks = _build("gpt", actor_cfg, None)
-    for ref, actor in zip(ref_chunks, actor_chunks):
-        ref.load_state_dict(unwrap_model(actor).state_dict())
-    actor_tm = setup_training(actor_chunks, cfg.actor.optim, actor_cfg, cfg.ppo.iterations)
+    actor_chunks = _build("gpt", actor_cfg, actor_ckpt, layouts.actor)
+    if layouts.reference.is_global:  # same layout: copy the actor's initial shards
+        ref_chunks = _build("gpt", actor_cfg, None, layouts.reference)
+        for ref, actor in zip(ref_chunks, actor_chunks):
+            ref.load_state_dict(unwrap_model(actor).state_dict())
+    elif actor_ckpt is None:
+        raise ValueError(
+            "reference.parallel differs from the actor's layout, so the reference loads the actor's "
+            "initial weights from actor.init_from at its own TP/PP: set actor.init_from"
+        )
+    else:
+        ref_chunks = _build("gpt", actor_cfg, actor_ckpt, layouts.reference)
+    actor_tm = setup_training(actor_chunks, cfg.actor.optim, actor_cfg, cfg.ppo.iterations, layouts.actor)
 
     reward: RewardFunction
     rm_ckpt = None
@@ -199,7 +254,7 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
                 f"reward.path {rm_ckpt}: field 'kind' is {rm_meta.kind!r}, expected 'value'"
             )
         _check_same_tokenizer(source, rm_meta, "reward.path")
-        rm_chunks = _build("value", dataclasses.replace(rm_meta.model), rm_ckpt)
+        rm_chunks = _build("value", dataclasses.replace(rm_meta.model), rm_ckpt, layouts.reward)
         stats = rm_meta.extra.get("eval", {})
         mean, std = stats.get("reward_mean"), stats.get("reward_std")
         if cfg.reward.normalize and (mean is None or std is None):
@@ -209,7 +264,9 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
             )
         if not cfg.reward.normalize:
             mean = std = None
-        reward = RewardModelWorker(FrozenChunks(rm_chunks, cfg.offload_frozen), mbs, mean, std)
+        reward = RewardModelWorker(
+            FrozenChunks(rm_chunks, layouts.reward, cfg.offload_frozen), mbs, mean, std
+        )
     else:
         reward = TokenFrequencyReward(cfg.reward.target_token)
 
@@ -219,7 +276,11 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
     if critic_ckpt is not None:
         _check_same_tokenizer(source, read_metadata(critic_ckpt), "critic.init_from")
     critic_tm = setup_training(
-        _build("value", critic_cfg, critic_ckpt), cfg.critic.optim, critic_cfg, cfg.ppo.iterations
+        _build("value", critic_cfg, critic_ckpt, layouts.critic),
+        cfg.critic.optim,
+        critic_cfg,
+        cfg.ppo.iterations,
+        layouts.critic,
     )
 
     temp = cfg.generation.temperature
@@ -228,7 +289,11 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
         actor=ActorWorker(actor_tm, source.vocab_size, suppressed, temp, mbs),
         critic=CriticWorker(critic_tm, mbs),
         reference=ReferenceWorker(
-            FrozenChunks(ref_chunks, cfg.offload_frozen), source.vocab_size, suppressed, temp, mbs
+            FrozenChunks(ref_chunks, layouts.reference, cfg.offload_frozen),
+            source.vocab_size,
+            suppressed,
+            temp,
+            mbs,
         ),
         reward=reward,
         actor_meta=CheckpointMetadata(actor_cfg, source.tokenizer, "gpt", actor_cfg.params_dtype, provenance),
@@ -236,6 +301,7 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
             critic_cfg, source.tokenizer, "value", critic_cfg.params_dtype, provenance
         ),
         source=source,
+        layouts=layouts,
     )
 
 
@@ -263,9 +329,17 @@ def _average(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def make_experience(
-    w: Workers, cfg: PPOJobConfig, prompts: list[list[int]], length: int, iteration: int, kl_coef: float
+    w: Workers,
+    cfg: PPOJobConfig,
+    prompts: list[list[int]],
+    row_offset: int,
+    length: int,
+    iteration: int,
+    kl_coef: float,
 ):
-    """Rollout and scoring of one iteration; returns the experience and the time split."""
+    """Rollout of this rank's prompts (rows ``row_offset...`` of the iteration's batch), gathered over the
+    actor's data-parallel ranks, then scoring by every role; returns the whole batch's experience (the same
+    on every rank) and the time split."""
     gen = GenerationConfig(
         max_new_tokens=length,
         temperature=cfg.generation.temperature,
@@ -276,7 +350,8 @@ def make_experience(
         seed=cfg.ppo.seed * 1_000_003 + iteration,
     )
     t0 = time.perf_counter()
-    exp = Experience.from_rollout(w.actor.generate(prompts, gen))
+    local = Experience.from_rollout(w.actor.generate(prompts, gen, row_offset))
+    exp = gather_experience(local, w.actor.layout, w.source.pad_id)
     t1 = time.perf_counter()
     exp.old_logprobs, exp.entropy = w.actor.compute_log_probs(exp)
     exp.ref_logprobs = w.reference.compute_log_probs(exp)
@@ -290,24 +365,22 @@ def make_experience(
     return exp, {"time_rollout_s": t1 - t0, "time_scoring_s": t2 - t1, "time_gae_s": t3 - t2}
 
 
-def ppo_update(
-    w: Workers, cfg: PPOJobConfig, exp: Experience, mini_rows: int, iteration: int, update_actor: bool
-):
-    """``ppo.epochs`` passes over shuffled minibatches; one critic (and actor) optimizer step per minibatch."""
+def ppo_update(w: Workers, cfg: PPOJobConfig, exp: Experience, iteration: int, update_actor: bool):
+    """``ppo.epochs`` passes over shuffled minibatches of the whole batch (the same shuffle on every rank);
+    one critic (and actor) optimizer step per minibatch, each role on its data-parallel slice of it."""
+    mini_rows = cfg.ppo.mini_batch_size
     gen = torch.Generator().manual_seed(cfg.ppo.seed * 7_919 + iteration)
     actor_steps, critic_steps = [], []
     skipped = 0
     for _ in range(cfg.ppo.epochs):
         order = torch.randperm(len(exp), generator=gen)
         for start in range(0, len(exp), mini_rows):
-            micro = exp.select(order[start : start + mini_rows].to(exp.tokens.device)).split(
-                cfg.ppo.micro_batch_size
-            )
-            c = w.critic.update(micro, cfg.ppo.value_clip)
+            mini = exp.select(order[start : start + mini_rows].to(exp.tokens.device))
+            c = w.critic.update(mini, cfg.ppo.value_clip)
             critic_steps.append({**c.metrics, "critic_grad_norm": c.grad_norm, "critic_lr": c.lr})
             skipped += int(c.skipped)
             if update_actor:
-                a = w.actor.update(micro, cfg.ppo.clip_eps)
+                a = w.actor.update(mini, cfg.ppo.clip_eps)
                 actor_steps.append({**a.metrics, "actor_grad_norm": a.grad_norm, "actor_lr": a.lr})
                 skipped += int(a.skipped)
     out = _average(critic_steps)
@@ -318,16 +391,8 @@ def ppo_update(
 
 def run(cfg: PPOJobConfig, config_dump: dict[str, Any] | None = None) -> RunResult:
     """Train the coarse actor as configured. Call after ``init_distributed(cfg.parallel)``."""
-    from megatron.core import parallel_state as ps
-
     w = build_workers(cfg)
-    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    rollout_rows, mini_rows = cfg.ppo.per_rank(dp_size)
-    if rollout_rows % cfg.ppo.micro_batch_size:
-        raise ValueError(
-            f"ppo.rollout_batch_size / DP = {rollout_rows} is not a multiple of ppo.micro_batch_size "
-            f"{cfg.ppo.micro_batch_size}"
-        )
+    dp_size, dp_rank = w.actor.layout.dp, w.actor.layout.dp_rank
     kl_ctl = build_kl_controller(cfg.kl)
     length_ctl = build_length_controller(cfg.length)
     models = [
@@ -359,9 +424,8 @@ def run(cfg: PPOJobConfig, config_dump: dict[str, Any] | None = None) -> RunResu
     if resume_dir is not None:
         log.message(f"resumed from {resume_dir} at iteration {state.step}")
     log.message(
-        f"coarse-actor: {len(w.source.prompts)} prompts, {cfg.ppo.rollout_batch_size} per iteration, DP {dp_size} "
-        f"TP {ps.get_tensor_model_parallel_world_size()} PP {ps.get_pipeline_model_parallel_world_size()}, "
-        f"reward {cfg.reward.kind}, length limit {length_ctl.length}"
+        f"coarse-actor: {len(w.source.prompts)} prompts, {cfg.ppo.rollout_batch_size} per iteration; "
+        f"{w.layouts.describe()}; reward {cfg.reward.kind}, length limit {length_ctl.length}"
     )
 
     def save() -> Path | None:
@@ -385,23 +449,23 @@ def run(cfg: PPOJobConfig, config_dump: dict[str, Any] | None = None) -> RunResu
         while state.step < cfg.ppo.iterations:
             it = state.step
             t0 = time.perf_counter()
-            prompts = iteration_prompts(
+            prompts, row_offset = iteration_prompts(
                 w.source, it, cfg.ppo.rollout_batch_size, cfg.ppo.seed, dp_rank, dp_size
             )
             length = length_ctl.length
             kl_coef = kl_ctl.value
-            exp, times = make_experience(w, cfg, prompts, length, it, kl_coef)
+            exp, times = make_experience(w, cfg, prompts, row_offset, length, it, kl_coef)
             record: dict[str, Any] = experience_metrics(exp)
             t1 = time.perf_counter()
             update_actor = it >= cfg.ppo.critic_warmup_iterations
-            record.update(ppo_update(w, cfg, exp, mini_rows, it, update_actor))
+            record.update(ppo_update(w, cfg, exp, it, update_actor))
             times["time_training_s"] = time.perf_counter() - t1
             kl_ctl.update(record["kl_per_seq"], cfg.ppo.rollout_batch_size)
             decision = length_ctl.update(record["reward_mean"], record["vf_loss"])
             state.step += 1
             state.consumed_samples += cfg.ppo.rollout_batch_size
             seconds = time.perf_counter() - t0
-            tokens = float(exp.tokens.numel()) * dp_size
+            tokens = float(exp.tokens.numel())  # the whole batch (every rank holds it)
             record.update(times)
             record.update(
                 kl_coef=kl_coef,

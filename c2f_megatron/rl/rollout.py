@@ -39,7 +39,8 @@ class GenerationConfig:
     ``suppress_ids`` can never be sampled (coarse mode: EOS and the configured stop ids, so the draft runs
     to ``max_new_tokens``); ``stop_ids`` end a sequence when sampled (fine mode), the stop token included
     in the response. Trailing ids of either list are stripped from the prompts before generation.
-    ``seed`` is offset by the data-parallel rank so that DP replicas draw different samples.
+    ``seed`` is offset by the data-parallel rank (or by the row, see ``generate``'s ``row_offset``) so that
+    DP replicas draw different samples.
     """
 
     max_new_tokens: int
@@ -232,7 +233,15 @@ def _share_from_last_stage(values: Tensor | None, size: list[int], dtype: torch.
     return values
 
 
-def _sampling_generator(seed: int, device: torch.device) -> torch.Generator:
+def _sampling_generator(
+    seed: int, device: torch.device, rows: int, row_offset: int | None
+) -> torch.Generator | list[torch.Generator]:
+    """One generator seeded with ``seed + DP rank`` or, given ``row_offset``, one per row seeded by the
+    row's index in the whole batch (draws then do not depend on how the batch is split over DP ranks)."""
+    if row_offset is not None:
+        return [
+            torch.Generator(device=device).manual_seed((seed << 20) + row_offset + i) for i in range(rows)
+        ]
     from megatron.core import parallel_state as ps
 
     dp_rank = ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
@@ -241,10 +250,18 @@ def _sampling_generator(seed: int, device: torch.device) -> torch.Generator:
 
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module, prompts: list[list[int]], gen_cfg: GenerationConfig, true_vocab_size: int
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    gen_cfg: GenerationConfig,
+    true_vocab_size: int,
+    row_offset: int | None = None,
 ) -> RolloutBatch:
     """Sample up to ``gen_cfg.max_new_tokens`` tokens for each prompt with a KV cache; call on every rank
-    of the model's TP/PP group with the same prompts. The model's train/eval mode is restored after."""
+    of the model's TP/PP group with the same prompts. The model's train/eval mode is restored after.
+
+    ``row_offset``: the index of ``prompts[0]`` in the whole (all-DP-ranks) batch; given, every row draws
+    from its own generator (seeded by ``gen_cfg.seed`` and its index). Without it, one generator per rank.
+    """
     from megatron.core import parallel_state as ps
 
     _check_supported(model)
@@ -276,7 +293,7 @@ def generate(
 
     was_training = model.training
     wrapper = _make_wrapper(model, b, total, _padded_vocab_size(model))
-    generator = _sampling_generator(gen_cfg.seed, device)
+    generator = _sampling_generator(gen_cfg.seed, device, b, row_offset)
     last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
 
     done = torch.zeros(b, dtype=torch.bool, device=device)

@@ -82,18 +82,28 @@ def process_logits(
 
 
 def sample_tokens(
-    processed_logits: Tensor, greedy: bool = False, generator: torch.Generator | None = None
+    processed_logits: Tensor,
+    greedy: bool = False,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw one token per row from ``process_logits`` output; returns (tokens [b], their log-probs [b]).
 
     Greedy is argmax (first index on ties). Sampling draws with ``generator`` so that ranks holding the
-    same logits and the same generator state draw the same tokens.
+    same logits and the same generator state draw the same tokens; a list of generators (one per row) makes
+    each row's draws independent of which other rows share its batch (data-parallel splits).
     """
     if torch.isneginf(processed_logits).all(dim=-1).any():
         raise ValueError("every token of a row is masked (suppressed ids cover the whole vocab?)")
     log_probs = torch.log_softmax(processed_logits, dim=-1)
     if greedy:
         tokens = processed_logits.argmax(dim=-1)
+    elif isinstance(generator, Sequence):
+        if len(generator) != log_probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {log_probs.shape[0]} rows")
+        probs = log_probs.exp()
+        tokens = torch.cat(
+            [torch.multinomial(probs[i], num_samples=1, generator=g) for i, g in enumerate(generator)]
+        )
     else:
         tokens = torch.multinomial(log_probs.exp(), num_samples=1, generator=generator).squeeze(-1)
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

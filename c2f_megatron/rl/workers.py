@@ -7,12 +7,15 @@
 - ``RewardModelWorker``: frozen value model read at the last generated token; ``TokenFrequencyReward``: a
   programmatic reward with the same ``score(exp) -> [b]`` interface (``RewardFunction``).
 
-Every forward goes through megatron's pipeline schedule (``get_forward_backward_func``), inference passes
-with ``forward_only=True``; what the last pipeline stage computes is broadcast to the other stages, so every
-rank of the model-parallel group ends up with the same ``[b, R]`` tensors. Log-probs are TP-correct: the
-vocab-parallel cross entropy (negated) over logits with the padded vocab and the suppressed ids masked and
-the sampling temperature applied, i.e. the distribution the rollout drew from (top-k/top-p are not applied
-when recomputing, as in verl). Entropy is a vocab-parallel reduction too (logged only).
+Every role lives on all ranks with its own TP/PP (``platform.role_layout``; the actor's is megatron's
+global one, the rollout engine needs it). The experience is the same on every rank; each role takes its
+own data-parallel slice of the rows, runs megatron's pipeline schedule over it (``forward_only=True`` for
+inference), broadcasts what its last stage computed along its pipeline and gathers the rows back over its
+data-parallel group, so every rank ends up with the same ``[b, R]`` tensors again. Log-probs are
+TP-correct over the role's own TP group: the vocab-parallel log-softmax over logits with the padded vocab
+and the suppressed ids masked and the sampling temperature applied, i.e. the distribution the rollout drew
+from (top-k/top-p are not applied when recomputing, as in verl). Entropy is a vocab-parallel reduction too
+(logged only).
 """
 
 from __future__ import annotations
@@ -25,71 +28,50 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from c2f_megatron.platform.role_layout import RoleLayout
 from c2f_megatron.rl import core_algos
-from c2f_megatron.rl.experience import Experience
+from c2f_megatron.rl.experience import Experience, gather_rows
 from c2f_megatron.rl.rollout import GenerationConfig, RolloutBatch, generate
+from c2f_megatron.rl.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
 from c2f_megatron.training.loop import StepResult, TrainingModel, train_step
 
 # --------------------------------------------------------------------------------------- TP-sharded math
 
 
-def _tp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-
-
-def vocab_parallel_entropy(logits: Tensor) -> Tensor:
-    """Entropy of ``softmax`` over a vocabulary sharded on the last dim across the TP group (-inf allowed)."""
-    group = _tp_group()
-    with torch.no_grad():
-        z = logits.float()
-        m = z.amax(dim=-1, keepdim=True)
-        if group is not None:
-            torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=group)
-        shifted = z - m
-        e = torch.exp(shifted)
-        sums = torch.stack([e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)])
-        if group is not None:
-            torch.distributed.all_reduce(sums, group=group)
-        return torch.log(sums[0]) - sums[1] / sums[0]
-
-
 def policy_logits(
-    logits: Tensor, true_vocab_size: int, suppressed: Sequence[int], temperature: float
+    logits: Tensor, true_vocab_size: int, suppressed: Sequence[int], temperature: float, vocab_start: int
 ) -> Tensor:
     """This TP rank's slice of the sampling distribution's logits (fp32, a new tensor): padded vocab and
-    suppressed ids at -inf, divided by the temperature."""
-    from megatron.core import parallel_state as ps
-
+    suppressed ids at -inf, divided by the temperature. ``vocab_start``: global id of column 0."""
     from c2f_megatron.models.gpt import mask_padded_vocab
     from c2f_megatron.rl.sampling import suppress_ids
 
-    start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
-    z = logits.float() / temperature  # always a copy: the vocab-parallel CE works in place
-    z = mask_padded_vocab(z, true_vocab_size, start)
-    return suppress_ids(z, suppressed, start)
+    z = logits.float() / temperature
+    z = mask_padded_vocab(z, true_vocab_size, vocab_start)
+    return suppress_ids(z, suppressed, vocab_start)
 
 
 def response_logprobs(
     logits: Tensor,
     mb: Experience,
+    layout: RoleLayout,
     true_vocab_size: int,
     suppressed: Sequence[int],
     temperature: float,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-prob (and entropy) of each response token from full-sequence logits ``[b, P+R, V/tp]``."""
-    from megatron.core import tensor_parallel
-
+    """Log-prob (and entropy) of each response token from full-sequence logits ``[b, P+R, V/tp]`` sharded
+    over ``layout``'s TP group."""
     p, r = mb.prompt_width, mb.response_width
-    z = policy_logits(logits[:, p - 1 : p + r - 1], true_vocab_size, suppressed, temperature)
+    start = layout.tp_rank * logits.shape[-1]
+    group = layout.tp_group if layout.tp > 1 else None
+    z = policy_logits(logits[:, p - 1 : p + r - 1], true_vocab_size, suppressed, temperature, start)
     labels = mb.tokens[:, p : p + r]
     # Padding after a response may hold a suppressed id (e.g. pad == EOS): read a harmless label there.
     safe = _first_allowed_id(true_vocab_size, suppressed)
     labels = torch.where(mb.response_mask, labels, safe)
-    entropy = vocab_parallel_entropy(z) if with_entropy else None
-    logp = -tensor_parallel.vocab_parallel_cross_entropy(z, labels)
+    entropy = vocab_parallel_entropy(z, group) if with_entropy else None
+    logp = vocab_parallel_logprobs(z, labels, start, group)
     return torch.where(mb.response_mask, logp, 0.0), entropy
 
 
@@ -133,53 +115,54 @@ def _collect(compute: Callable[[Tensor, Experience], dict[str, Tensor]], mb: Exp
 
 def forward_only(
     chunks: Sequence[torch.nn.Module],
+    layout: RoleLayout,
     exp: Experience,
     micro_batch_size: int,
     compute: Callable[[Tensor, Experience], dict[str, Tensor]],
     shapes: dict[str, tuple[int, ...]],
 ) -> dict[str, Tensor]:
-    """Run ``compute(output, micro_batch)`` over ``exp`` through the pipeline schedule, forward only; the
-    concatenated results (per-row shapes ``shapes``) on every rank of the pipeline."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """Run ``compute(output, micro_batch)`` over the whole batch ``exp`` (the same on every rank) through the
+    pipeline schedule, forward only: each data-parallel rank of ``layout`` takes its slice of rows, the last
+    stage's results are broadcast along the pipeline and gathered over data parallel, so every rank
+    returns the results for all rows (per-row shapes ``shapes``)."""
+    from c2f_megatron.platform.distributed import device
+    from c2f_megatron.training.loop import run_schedule
 
-    micro = exp.split(micro_batch_size)
+    local = exp.dp_shard(layout.dp_rank, layout.dp)
+    micro = local.split(micro_batch_size)
     modes = [c.training for c in chunks]
     for c in chunks:
         c.eval()
     try:
         with torch.no_grad():
-            outputs = get_forward_backward_func()(
-                forward_step_func=partial(_model_forward, loss_func=partial(_collect, compute)),
-                data_iterator=iter(micro) if len(chunks) == 1 else [iter(micro) for _ in chunks],
-                model=list(chunks),
-                num_microbatches=len(micro),
-                seq_length=exp.tokens.shape[1],
-                micro_batch_size=micro_batch_size,
-                forward_only=True,
+            fwd = partial(_model_forward, loss_func=partial(_collect, compute))
+            outputs = run_schedule(
+                chunks, layout, fwd, micro, exp.tokens.shape[1], micro_batch_size, forward_only=True
             )
     finally:
         for c, mode in zip(chunks, modes):
             c.train(mode)
-    last = ps.is_pipeline_last_stage(ignore_virtual=True)
     result: dict[str, Tensor] = {}
     for key, row_shape in shapes.items():
-        full = [len(exp), *row_shape]
-        value = torch.cat([o[key] for o in outputs]).float().contiguous() if last else None
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            value = broadcast_from_last_pipeline_stage(full, torch.float32, value)
-        result[key] = value
+        if layout.is_last_stage:
+            value = torch.cat([o[key] for o in outputs]).float().contiguous()
+        else:
+            value = torch.empty([len(local), *row_shape], dtype=torch.float32, device=device())
+        if layout.pp > 1:
+            torch.distributed.broadcast(value, src=layout.last_stage_rank, group=layout.pp_group)
+        result[key] = gather_rows(value, layout)
     return result
 
 
 class FrozenChunks:
-    """A frozen model's chunks; with ``offload`` (GPU only) the weights live on the CPU between uses."""
+    """A frozen model's chunks on their layout; with ``offload`` (GPU only) the weights live on the CPU
+    between uses."""
 
-    def __init__(self, chunks: Sequence[torch.nn.Module], offload: bool):
+    def __init__(self, chunks: Sequence[torch.nn.Module], layout: RoleLayout, offload: bool):
         from c2f_megatron.platform.distributed import device
 
         self.chunks = list(chunks)
+        self.layout = layout
         self.device = device()
         self.offload = offload and self.device.type != "cpu"
         for c in self.chunks:
@@ -206,8 +189,32 @@ class FrozenChunks:
 # ----------------------------------------------------------------------------------------------- workers
 
 
-class ActorWorker:
-    """The trained policy: rollouts, log-probs of its own samples, and clipped-policy-loss updates."""
+class PolicyScorer:
+    """Log-probs of the response tokens under a policy: the sampling distribution (padded vocab and
+    suppressed ids masked, temperature applied), as the actor and the reference both need."""
+
+    def __init__(
+        self, true_vocab_size: int, suppressed: Sequence[int], temperature: float, micro_batch_size: int
+    ):
+        self.true_vocab_size = true_vocab_size
+        self.suppressed = list(suppressed)
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+
+    def logprobs(self, layout: RoleLayout, output: Tensor, mb: Experience, with_entropy: bool):
+        return response_logprobs(
+            output, mb, layout, self.true_vocab_size, self.suppressed, self.temperature, with_entropy
+        )
+
+
+def _update_micro_batches(mini: Experience, layout: RoleLayout, micro_batch_size: int) -> list[Experience]:
+    """This rank's micro-batches of a minibatch (the same rows on every rank): its data-parallel slice."""
+    return mini.dp_shard(layout.dp_rank, layout.dp).split(micro_batch_size)
+
+
+class ActorWorker(PolicyScorer):
+    """The trained policy (on megatron's global layout, which the rollout engine uses): rollouts, log-probs
+    of its own samples, and clipped-policy-loss updates."""
 
     def __init__(
         self,
@@ -219,37 +226,43 @@ class ActorWorker:
     ):
         if len(tm.chunks) != 1:
             raise ValueError("the PPO actor needs one model chunk: virtual pipeline stages are not supported")
+        if not tm.layout.is_global:
+            raise ValueError("the PPO actor must be on megatron's global layout (the rollout engine uses it)")
+        super().__init__(true_vocab_size, suppressed, temperature, micro_batch_size)
         self.tm = tm
-        self.true_vocab_size = true_vocab_size
-        self.suppressed = list(suppressed)
-        self.temperature = temperature
-        self.micro_batch_size = micro_batch_size
+
+    @property
+    def layout(self) -> RoleLayout:
+        return self.tm.layout
 
     @property
     def module(self) -> torch.nn.Module:
         """The bare GPTModel (the rollout drives megatron's inference wrapper over it)."""
         return self.tm.chunks[0].module
 
-    def generate(self, prompts: list[list[int]], gen_cfg: GenerationConfig) -> RolloutBatch:
-        return generate(self.module, prompts, gen_cfg, self.true_vocab_size)
+    def generate(self, prompts: list[list[int]], gen_cfg: GenerationConfig, row_offset: int) -> RolloutBatch:
+        """Roll out this rank's ``prompts``; ``row_offset``: their position in the iteration's batch (the
+        sampling seed of each row), so the draws do not depend on the data-parallel split."""
+        return generate(self.module, prompts, gen_cfg, self.true_vocab_size, row_offset=row_offset)
 
     def _logprobs(self, output: Tensor, mb: Experience) -> dict[str, Tensor]:
-        logp, ent = response_logprobs(
-            output, mb, self.true_vocab_size, self.suppressed, self.temperature, with_entropy=True
-        )
+        logp, ent = self.logprobs(self.layout, output, mb, with_entropy=True)
         return {"logprobs": logp, "entropy": torch.where(mb.response_mask, ent, 0.0)}
 
     def compute_log_probs(self, exp: Experience) -> tuple[Tensor, Tensor]:
         r = exp.response_width
         out = forward_only(
-            self.tm.chunks, exp, self.micro_batch_size, self._logprobs, {"logprobs": (r,), "entropy": (r,)}
+            self.tm.chunks,
+            self.layout,
+            exp,
+            self.micro_batch_size,
+            self._logprobs,
+            {"logprobs": (r,), "entropy": (r,)},
         )
         return out["logprobs"], out["entropy"]
 
     def _loss(self, clip_eps: float, mb: Experience, output: Tensor):
-        logp, ent = response_logprobs(
-            output, mb, self.true_vocab_size, self.suppressed, self.temperature, with_entropy=True
-        )
+        logp, ent = self.logprobs(self.layout, output, mb, with_entropy=True)
         loss, stats = core_algos.policy_loss(
             logp, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps, agg="token-sum"
         )
@@ -259,15 +272,17 @@ class ActorWorker:
         metrics["entropy"] = torch.stack([(ent * mb.response_mask).sum(), nf])
         return loss, n.to(torch.int), metrics
 
-    def update(self, micro: list[Experience], clip_eps: float) -> StepResult:
+    def update(self, mini: Experience, clip_eps: float) -> StepResult:
+        """One optimizer step on the minibatch ``mini`` (all its rows, the same on every rank)."""
+        micro = _update_micro_batches(mini, self.layout, self.micro_batch_size)
         fwd = partial(_model_forward, loss_func=partial(self._loss, clip_eps))
         return train_step(
-            self.tm, fwd, micro, micro[0].tokens.shape[1], self.micro_batch_size, loss_key="pg_loss"
+            self.tm, fwd, micro, mini.tokens.shape[1], self.micro_batch_size, loss_key="pg_loss"
         )
 
 
-class ReferenceWorker:
-    """The frozen initial policy; its log-probs anchor the KL penalty."""
+class ReferenceWorker(PolicyScorer):
+    """The frozen initial policy, on its own layout; its log-probs anchor the KL penalty."""
 
     def __init__(
         self,
@@ -277,26 +292,29 @@ class ReferenceWorker:
         temperature: float,
         micro_batch_size: int,
     ):
+        super().__init__(true_vocab_size, suppressed, temperature, micro_batch_size)
         self.frozen = frozen
-        self.true_vocab_size = true_vocab_size
-        self.suppressed = list(suppressed)
-        self.temperature = temperature
-        self.micro_batch_size = micro_batch_size
 
     def _logprobs(self, output: Tensor, mb: Experience) -> dict[str, Tensor]:
-        logp, _ = response_logprobs(output, mb, self.true_vocab_size, self.suppressed, self.temperature)
+        logp, _ = self.logprobs(self.frozen.layout, output, mb, with_entropy=False)
         return {"logprobs": logp}
 
     def compute_log_probs(self, exp: Experience) -> Tensor:
         with self.frozen.on_device() as chunks:
             out = forward_only(
-                chunks, exp, self.micro_batch_size, self._logprobs, {"logprobs": (exp.response_width,)}
+                chunks,
+                self.frozen.layout,
+                exp,
+                self.micro_batch_size,
+                self._logprobs,
+                {"logprobs": (exp.response_width,)},
             )
         return out["logprobs"]
 
 
 class CriticWorker:
-    """The value model: values of the states before each response token, clipped-value-loss updates."""
+    """The value model, on its own layout: values of the states before each response token,
+    clipped-value-loss updates."""
 
     def __init__(self, tm: TrainingModel, micro_batch_size: int):
         self.tm = tm
@@ -305,6 +323,7 @@ class CriticWorker:
     def compute_values(self, exp: Experience) -> Tensor:
         out = forward_only(
             self.tm.chunks,
+            self.tm.layout,
             exp,
             self.micro_batch_size,
             lambda output, mb: {"values": response_values(output, mb)},
@@ -322,10 +341,12 @@ class CriticWorker:
         metrics = {k: torch.stack([stats[k] * nf, nf]) for k in ("vf_loss", "vf_clipfrac", "vpred_mean")}
         return loss, n.to(torch.int), metrics
 
-    def update(self, micro: list[Experience], value_clip: float | None) -> StepResult:
+    def update(self, mini: Experience, value_clip: float | None) -> StepResult:
+        """One optimizer step on the minibatch ``mini`` (all its rows, the same on every rank)."""
+        micro = _update_micro_batches(mini, self.tm.layout, self.micro_batch_size)
         fwd = partial(_model_forward, loss_func=partial(self._loss, value_clip))
         return train_step(
-            self.tm, fwd, micro, micro[0].tokens.shape[1], self.micro_batch_size, loss_key="vf_loss"
+            self.tm, fwd, micro, mini.tokens.shape[1], self.micro_batch_size, loss_key="vf_loss"
         )
 
 
@@ -351,6 +372,7 @@ class RewardModelWorker:
         with self.frozen.on_device() as chunks:
             out = forward_only(
                 chunks,
+                self.frozen.layout,
                 exp,
                 self.micro_batch_size,
                 lambda output, mb: {"score": last_generated_values(output, mb)},

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from c2f_megatron.models.config import DTYPES, ModelConfig
+from c2f_megatron.platform.role_layout import RoleLayout, global_layout
 from c2f_megatron.training.config import OptimConfig
 
 ForwardStepFunc = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
@@ -34,11 +35,12 @@ ForwardStepFunc = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]
 
 @dataclass
 class TrainingModel:
-    """A model ready to train: DDP-wrapped chunks, their optimizer and LR scheduler."""
+    """A model ready to train: DDP-wrapped chunks, their optimizer and LR scheduler, and its layout."""
 
     chunks: list[torch.nn.Module]
     optimizer: Any
     scheduler: Any
+    layout: RoleLayout
 
     @property
     def config(self) -> Any:
@@ -56,7 +58,9 @@ class StepResult:
     seconds: float
 
 
-def wrap_ddp(chunks: Sequence[torch.nn.Module], optim: OptimConfig) -> list[torch.nn.Module]:
+def wrap_ddp(
+    chunks: Sequence[torch.nn.Module], optim: OptimConfig, layout: RoleLayout | None = None
+) -> list[torch.nn.Module]:
     """megatron DDP around each chunk (bucketing only for the first chunk, as Megatron-LM does)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -68,13 +72,22 @@ def wrap_ddp(chunks: Sequence[torch.nn.Module], optim: OptimConfig) -> list[torc
     )
     return [
         DistributedDataParallel(
-            config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            disable_bucketing=i > 0,
+            pg_collection=None if layout is None else layout.pg_collection,
         )
         for i, chunk in enumerate(chunks)
     ]
 
 
-def build_optimizer(ddp_chunks: Sequence[torch.nn.Module], optim: OptimConfig, model_cfg: ModelConfig):
+def build_optimizer(
+    ddp_chunks: Sequence[torch.nn.Module],
+    optim: OptimConfig,
+    model_cfg: ModelConfig,
+    layout: RoleLayout | None = None,
+):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     dtype = DTYPES[model_cfg.params_dtype]
@@ -93,7 +106,12 @@ def build_optimizer(ddp_chunks: Sequence[torch.nn.Module], optim: OptimConfig, m
         use_distributed_optimizer=optim.use_distributed_optimizer,
         overlap_param_gather=optim.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, list(ddp_chunks))
+    if layout is None or layout.is_global:
+        return get_megatron_optimizer(config, list(ddp_chunks))
+    # a role's own groups: megatron takes them from the collection (no gloo copies of custom groups)
+    return get_megatron_optimizer(
+        config, list(ddp_chunks), use_gloo_process_groups=False, pg_collection=layout.pg_collection
+    )
 
 
 def build_scheduler(optimizer: Any, optim: OptimConfig, train_steps: int):
@@ -139,14 +157,20 @@ def configure_schedule_hooks(ddp_chunks: Sequence[torch.nn.Module], optimizer: A
 
 
 def setup_training(
-    chunks: Sequence[torch.nn.Module], optim: OptimConfig, model_cfg: ModelConfig, train_steps: int
+    chunks: Sequence[torch.nn.Module],
+    optim: OptimConfig,
+    model_cfg: ModelConfig,
+    train_steps: int,
+    layout: RoleLayout | None = None,
 ) -> TrainingModel:
-    """DDP + optimizer + scheduler + schedule hooks for freshly built (and possibly loaded) chunks."""
-    ddp_chunks = wrap_ddp(chunks, optim)
-    optimizer = build_optimizer(ddp_chunks, optim, model_cfg)
+    """DDP + optimizer + scheduler + schedule hooks for freshly built (and possibly loaded) chunks, on
+    ``layout`` (the chunks' own groups; default megatron's global ones)."""
+    layout = layout or global_layout()
+    ddp_chunks = wrap_ddp(chunks, optim, layout)
+    optimizer = build_optimizer(ddp_chunks, optim, model_cfg, layout)
     scheduler = build_scheduler(optimizer, optim, train_steps)
     configure_schedule_hooks(ddp_chunks, optimizer)
-    return TrainingModel(ddp_chunks, optimizer, scheduler)
+    return TrainingModel(ddp_chunks, optimizer, scheduler, layout)
 
 
 def _microbatch_iterators(chunks: Sequence[torch.nn.Module], microbatches: Sequence[Any]):
@@ -156,33 +180,57 @@ def _microbatch_iterators(chunks: Sequence[torch.nn.Module], microbatches: Seque
     return [iter(microbatches) for _ in chunks]
 
 
-def reduce_metrics(losses_reduced: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+def run_schedule(
+    chunks: Sequence[torch.nn.Module],
+    layout: RoleLayout,
+    forward_step_func: ForwardStepFunc,
+    microbatches: Sequence[Any],
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool,
+) -> list[Any]:
+    """megatron's schedule for ``layout`` (no pipelining, 1F1B or interleaved) over ``microbatches``;
+    returns the last stage's per-micro-batch loss outputs (empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    schedule = get_forward_backward_func(pp_size=layout.pp, vp_size=layout.vpp)
+    return schedule(
+        forward_step_func=forward_step_func,
+        data_iterator=_microbatch_iterators(chunks, microbatches),
+        model=list(chunks),
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        **layout.schedule_kwargs(get_model_config(chunks[0])),
+    )
+
+
+def reduce_metrics(
+    losses_reduced: Iterable[dict[str, torch.Tensor]], layout: RoleLayout | None = None
+) -> dict[str, float]:
     """Sum ``[sum, count]`` metrics over micro-batches and data-parallel ranks; the same dict on all ranks.
 
     Only the last pipeline stage has loss outputs; it broadcasts the result along its pipeline group.
     """
-    from megatron.core import parallel_state
-
+    layout = layout or global_layout()
     totals: dict[str, torch.Tensor] = {}
     for item in losses_reduced:
         for key, value in item.items():
             value = value.detach().double().reshape(-1)
             totals[key] = totals[key] + value if key in totals else value.clone()
     result: dict[str, float] = {}
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and totals:
+    if layout.is_last_stage and totals:
         keys = sorted(totals)
         stacked = torch.stack([totals[k] for k in keys]).to(_device())
-        if parallel_state.get_data_parallel_world_size() > 1:
-            dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
+        if layout.dp > 1:
+            dist.all_reduce(stacked, group=layout.dp_group)
         for key, (total, count) in zip(keys, stacked.tolist()):
             result[key] = total / count if count else float("nan")
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    if layout.pp > 1:
         holder = [result]
-        dist.broadcast_object_list(
-            holder,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
+        dist.broadcast_object_list(holder, src=layout.last_stage_rank, group=layout.pp_group)
         result = holder[0]
     return result
 
@@ -232,23 +280,15 @@ def train_step(
     ``microbatches`` holds whatever ``forward_step_func`` pulls with ``next(data_iterator)``. When the
     loss or the grad norm is NaN/inf on any rank, no parameter or optimizer state changes (``skipped``).
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     start = time.perf_counter()
     for chunk in tm.chunks:
         chunk.train()
         chunk.zero_grad_buffer()
     tm.optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=_microbatch_iterators(tm.chunks, microbatches),
-        model=tm.chunks,
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
+    losses = run_schedule(
+        tm.chunks, tm.layout, forward_step_func, microbatches, seq_length, micro_batch_size, False
     )
-    metrics = reduce_metrics(losses)
+    metrics = reduce_metrics(losses, tm.layout)
     found_inf = tm.optimizer.prepare_grads()
     grad_norm = float(tm.optimizer.get_grad_norm())
     ok = not found_inf and _all_finite(metrics.get(loss_key, 0.0), grad_norm)
@@ -266,24 +306,18 @@ def evaluate(
     batches: Iterable[Sequence[Any]],
     seq_length: int,
     micro_batch_size: int,
+    layout: RoleLayout | None = None,
 ) -> dict[str, float]:
     """Forward-only over groups of micro-batches; metrics pooled over all of them (sums, then ratio)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+    layout = layout or global_layout()
     for chunk in chunks:
         chunk.eval()
     pooled: list[dict[str, torch.Tensor]] = []
     for microbatches in batches:
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step_func,
-            data_iterator=_microbatch_iterators(chunks, microbatches),
-            model=list(chunks),
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
+        out = run_schedule(
+            chunks, layout, forward_step_func, microbatches, seq_length, micro_batch_size, True
         )
         pooled.extend(out)
     for chunk in chunks:
         chunk.train()
-    return reduce_metrics(pooled)
+    return reduce_metrics(pooled, layout)

@@ -19,6 +19,7 @@ import torch
 
 from c2f_megatron.checkpoint.megatron_dir import CheckpointMetadata, read_metadata
 from c2f_megatron.models.config import ModelConfig
+from c2f_megatron.platform.role_layout import RoleLayout
 from c2f_megatron.training.checkpointing import (
     ModelState,
     TrainerState,
@@ -76,15 +77,18 @@ def resolve_model_config(cfg: TrainerSections, resume_dir: Path | None) -> Model
     return cfg.model.resolve(from_checkpoint=read_metadata(source).model)
 
 
-def build_chunks(kind: str, model_cfg: ModelConfig) -> list[torch.nn.Module]:
-    """The rank's chunks with the per-token loss convention the loop relies on."""
+def build_chunks(
+    kind: str, model_cfg: ModelConfig, layout: RoleLayout | None = None
+) -> list[torch.nn.Module]:
+    """The rank's chunks with the per-token loss convention the loop relies on (``layout``: a role's own
+    TP/PP groups; default megatron's global ones)."""
     if kind == "value":
         from c2f_megatron.models.value_head import build_value_model_chunks
 
-        return build_value_model_chunks(model_cfg, calculate_per_token_loss=True)
+        return build_value_model_chunks(model_cfg, layout=layout, calculate_per_token_loss=True)
     from c2f_megatron.models.gpt import build_model_chunks
 
-    return build_model_chunks(model_cfg, calculate_per_token_loss=True)
+    return build_model_chunks(model_cfg, layout=layout, calculate_per_token_loss=True)
 
 
 def load_initial_weights(kind: str, chunks: list[torch.nn.Module], ckpt: str | Path) -> CheckpointMetadata:
