@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["c2f_megatron", "c2f_megatron.*"]),
+    # The merge kernel's C source: compiled on first use, so an installed (non-editable) package needs it.
+    package_data={"c2f_megatron.merge": ["kernel.c"]},
     install_requires=[
         # torch: a range, so an installed CPU or CUDA build is kept (pip would otherwise pull CUDA wheels).
         "torch>=2.5",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,11 +45,24 @@ def make_hf(
     config=None,
     shapes=None,
     tokenizer: str = '{"vocab": 50}',
+    dtypes: dict[str, torch.dtype] | None = None,
+    specials: bool = False,
 ) -> Path:
-    """A random HF safetensors dir, sharded with an index like ``save_pretrained`` (or one file)."""
+    """A random HF safetensors dir, sharded with an index like ``save_pretrained`` (or one file).
+
+    ``dtypes`` overrides the dtype of some tensors; ``specials`` puts +-0, +-inf, NaN and subnormals at
+    random places of every tensor."""
     shapes = shapes or SHAPES
     gen = torch.Generator().manual_seed(seed)
-    tensors = {n: (torch.randn(s, generator=gen) * 2).to(dtype) for n, s in shapes.items()}
+    tensors = {
+        n: (torch.randn(s, generator=gen) * 2).to((dtypes or {}).get(n, dtype)) for n, s in shapes.items()
+    }
+    if specials:
+        values = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -3e-39, 1e-45])
+        for t in tensors.values():
+            flat = t.view(-1)
+            where = torch.randint(0, flat.numel(), (len(values),), generator=gen)
+            flat[where] = values.to(t.dtype)
     path.mkdir(parents=True)
     names = list(tensors)
     if shards == 1:
@@ -240,3 +256,97 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(ab, tmp_path, monkey
     monkeypatch.setattr(merge_hf_module.ShardWriter, "write", real_write)
     merge("--a", a, "--b", b, "--gamma", "0.3,0.7", "--out", tmp_path / "o")  # a rerun replaces the leftovers
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gamma_0.30", "gamma_0.70"]
+
+
+def _fixed_time_provenance(monkeypatch) -> None:
+    """Provenance without its timestamp, so two runs write byte-identical files."""
+    real = merge_hf_module.provenance
+    monkeypatch.setattr(merge_hf_module, "provenance", lambda *a, **k: {**real(*a, **k), "created": "t"})
+
+
+@pytest.mark.parametrize(
+    "in_dtype, out_dtype, kind",
+    [
+        (torch.bfloat16, None, "sweep"),
+        (torch.bfloat16, "fp32", "linear"),
+        (torch.float32, "bf16", "task"),
+        (torch.float16, None, "linear"),
+        (torch.float32, None, "mixed"),  # one float64 tensor: the native run uses torch for it alone
+    ],
+)
+def test_native_and_torch_paths_write_identical_bytes(tmp_path, monkeypatch, in_dtype, out_dtype, kind):
+    from c2f_megatron.merge.engine import BufferMerger
+    from c2f_megatron.merge.recipe import MergeRecipe
+
+    _fixed_time_provenance(monkeypatch)
+    monkeypatch.setattr(merge_hf_module, "IO_CHUNK", 100)  # chunk borders inside tensors
+    dtypes = {"model.norm.weight": torch.float64} if kind == "mixed" else None
+    ins = [
+        make_hf(tmp_path / n, s, in_dtype, dtypes=dtypes, specials=True)
+        for n, s in (("a", 1), ("b", 2), ("c", 3))
+    ]
+    if kind == "task":
+        roles, recipes = ["a", "b", "base"], [MergeRecipe("task", (0.6,))]
+    else:
+        ins = ins[:2]
+        gammas = (0.1, 0.7, 1.0) if kind == "sweep" else (0.7,)
+        roles, recipes = ["a", "b"], [MergeRecipe("weighted", (g, 1.0 - g)) for g in gammas]
+    written = {}
+    for mode in ("native", "torch"):
+        monkeypatch.setenv("C2F_MERGE_NATIVE", "1" if mode == "native" else "0")
+        merger = BufferMerger(recipes)
+        outs = [tmp_path / mode / f"o{i}" for i in range(len(recipes))]
+        merge_hf_module.merge_hf(ins, roles, recipes, outs, dtype=out_dtype, merger=merger)
+        expected = {"native", "torch"} if (mode == "native" and kind == "mixed") else {mode}
+        assert merger.used == expected
+        written[mode] = {
+            p.relative_to(tmp_path / mode): p.read_bytes()
+            for p in (tmp_path / mode).rglob("*")
+            if p.is_file()
+        }
+    assert written["native"].keys() == written["torch"].keys()
+    assert any(p.suffix == ".safetensors" for p in written["native"])
+    for rel, data in written["native"].items():
+        assert data == written["torch"][rel], rel
+    merged = read_all(tmp_path / "native" / "o0")
+    assert any(torch.isnan(t).any() for t in merged.values())  # the special values went through
+
+
+def _imported_modules(stderr: str) -> set[str]:
+    """Module names from ``python -X importtime`` output."""
+    return {line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_hf_command_line_does_not_import_torch(ab, tmp_path):
+    a, b = ab
+    tool = Path(__file__).resolve().parents[1] / "tools" / "merge_checkpoints.py"
+    runs = {}
+    for switch in ("1", "0"):
+        out = tmp_path / f"o{switch}"
+        env = dict(os.environ, C2F_MERGE_NATIVE=switch)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                str(tool),
+                "--a",
+                str(a),
+                "--b",
+                str(b),
+                "--gamma",
+                "0.7",
+                "--out",
+                str(out),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[switch] = _imported_modules(proc.stderr)
+        assert (out / PROVENANCE_FILE).is_file()
+    assert "c2f_megatron.merge.hf" in runs["1"]
+    assert not {m for m in runs["1"] if m == "torch" or m.startswith("torch.")}
+    assert "torch" in runs["0"]  # the check sees torch where it is imported (forced torch path)

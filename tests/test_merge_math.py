@@ -103,3 +103,25 @@ def test_parse_gammas():
 def test_parse_gammas_refuses(spec, message):
     with pytest.raises(GammaError, match=message):
         parse_gammas(spec)
+
+
+@pytest.mark.parametrize(
+    "dtype, view, bits",
+    [
+        (torch.bfloat16, torch.int16, 0x7FC0),
+        (torch.float16, torch.int16, 0x7E00),
+        (torch.float32, torch.int32, 0x7FC00000),
+    ],
+)
+def test_nan_outputs_are_written_canonically(dtype, view, bits):
+    """torch's own conversions write CPU-dependent NaN bits (bf16 0xFFFF on AVX-512); the merge pins them."""
+    a = _rand(3000, torch.float32, 11)
+    b = _rand(3000, torch.float32, 12)
+    a[[0, 5, 1500, 2999]] = torch.tensor([float("nan"), -float("nan"), float("inf"), float("nan")])
+    b[[5, 7, 1500]] = torch.tensor([float("nan"), float("inf"), -float("inf")])  # inf - inf: NaN too
+    y = torch.empty(3000, dtype=dtype)
+    ChunkedMerger([MergeRecipe("weighted", (0.7, 0.3))], chunk=1000).merge([a, b], [y])
+    nan = torch.isnan(0.7 * a + 0.3 * b)
+    assert int(nan.sum()) == 4 and torch.equal(torch.isnan(y), nan)
+    assert set(y.view(view)[nan].tolist()) == {bits}
+    assert torch.equal(y[~nan], (0.7 * a + 0.3 * b)[~nan].to(dtype))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from c2f_megatron.checkpoint import atomic_dir
 from c2f_megatron.models.config import ModelConfig
 
 METADATA_FILE = "c2f_checkpoint.json"
@@ -106,21 +106,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def partial_path(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    return out.with_name(out.name + ".partial")
-
-
 def prepare_output(out_dir: str | Path, force: bool = False) -> Path:
     """Refuse an existing output unless ``force``; return a fresh ``.partial`` directory (all ranks)."""
     out = Path(out_dir)
-    tmp = partial_path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: output already exists (pass --force to replace it)")
-    if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = atomic_dir.prepare_output(out, force=True) if _rank() == 0 else atomic_dir.partial_path(out)
     _barrier()
     return tmp
 
@@ -134,15 +125,7 @@ def commit_output(tmp: Path, out_dir: str | Path, metadata: CheckpointMetadata |
             meta_tmp = tmp / (METADATA_FILE + ".tmp")
             meta_tmp.write_text(json.dumps(metadata.to_json(), indent=2, sort_keys=True))
             os.replace(meta_tmp, tmp / METADATA_FILE)
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        atomic_dir.commit_output(tmp, out)
     _barrier()
     return out
 

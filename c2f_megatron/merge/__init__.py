@@ -4,6 +4,11 @@ The Fine Actor of Mistral-C2F is ``gamma * theta_coarse + (1 - gamma) * theta_sf
 arithmetic, ``gamma`` the sweep parsing, ``hf`` the streaming merge of HF safetensors directories,
 ``megatron`` the rank-parallel merge of c2f megatron checkpoints, ``cli`` the command line. This module holds
 what both modes share: the refusal error and the provenance record.
+
+The HF path (``cli`` -> ``hf`` -> ``native``) never imports torch, whose import alone takes longer than
+merging a 1B model from a warm page cache; ``recipe`` is the torch-free description of an output, ``native``
+the C kernel, ``engine`` the per-chunk choice between them, ``math`` the torch reference and fallback;
+outputs are written atomically with ``checkpoint.atomic_dir``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from c2f_megatron.merge.math import MergeRecipe
+from c2f_megatron.merge.recipe import MergeRecipe
 
 TOOL_NAME = "c2f_megatron.merge"
+# = c2f_megatron.checkpoint.megatron_dir.METADATA_FILE, spelled here because importing that module imports
+# torch (a test holds the two equal); detecting the mode must not cost an HF merge the torch import.
+MEGATRON_METADATA_FILE = "c2f_checkpoint.json"
 
 
 class MergeError(ValueError):

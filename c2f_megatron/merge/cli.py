@@ -8,7 +8,9 @@ Three forms, the mode (HF safetensors or c2f megatron checkpoints) detected from
 
 ``--gamma`` takes ``0.7``, ``0.1:0.9:0.1`` or ``0.3,0.7``; several values write ``OUT/gamma_0.70`` ... from
 one pass over the inputs. Megatron mode runs under torchrun/srun (any number of ranks, a multiple of
-``--tp * --pp``); each rank reads and writes only its shards.
+``--tp * --pp``); each rank reads and writes only its shards. HF mode is one process that never imports
+torch: a C kernel, compiled on first use into ~/.cache/c2f_megatron, merges the chunks
+(``C2F_MERGE_NATIVE=0`` uses torch instead, as does a machine without a C compiler).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from c2f_megatron.merge import MergeError
+from c2f_megatron.merge import MEGATRON_METADATA_FILE, MergeError
 from c2f_megatron.merge.gamma import GammaError, output_dirs, parse_gammas
-from c2f_megatron.merge.math import MergeRecipe
+from c2f_megatron.merge.recipe import MergeRecipe
 
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
@@ -83,20 +85,19 @@ def build_plan(args: argparse.Namespace) -> tuple[list[Path], list[str], list[Me
 
 def detect_mode(paths: list[Path]) -> str:
     """'hf' (config.json + safetensors) or 'megatron' (c2f_checkpoint.json); all inputs must agree."""
-    from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE
     from c2f_megatron.merge.hf import is_hf_checkpoint
 
     modes = []
     for p in paths:
         if not p.is_dir():
             raise MergeError(f"{p}: checkpoint directory not found")
-        if (p / METADATA_FILE).is_file():
+        if (p / MEGATRON_METADATA_FILE).is_file():
             modes.append("megatron")
         elif is_hf_checkpoint(p):
             modes.append("hf")
         else:
             raise MergeError(
-                f"{p}: neither a c2f megatron checkpoint ({METADATA_FILE}) nor an HF safetensors directory "
+                f"{p}: neither a c2f megatron checkpoint ({MEGATRON_METADATA_FILE}) nor an HF safetensors directory "
                 "(config.json + model.safetensors or model.safetensors.index.json)"
             )
     if len(set(modes)) > 1:
