@@ -182,3 +182,16 @@ def test_batch_must_split_over_each_roles_data_parallel_ranks(tmp_path: Path) ->
             ],
             timeout=200,
         )
+
+
+def test_a_layout_the_model_cannot_take_names_the_role(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "e.yaml", tmp_path / "run", dict(TINY, num_query_groups=1))
+    with pytest.raises(
+        AssertionError, match=r"critic.parallel \(critic: TP 2 PP 1 DP 1\): .*num_query_groups 1"
+    ):
+        run_torchrun(
+            "ppo_cli.py",
+            2,
+            [str(cfg), "ppo.iterations=1", "critic.parallel.tensor_model_parallel_size=2"],
+            timeout=200,
+        )

@@ -166,9 +166,15 @@ def _model_config(cfg: PPOJobConfig, ckpt: Path | None) -> ModelConfig:
 
 
 def _build(kind: str, model_cfg: ModelConfig, ckpt: Path | None, layout: RoleLayout) -> list[torch.nn.Module]:
+    """``layout.name``'s chunks, loaded from ``ckpt`` when given; a layout the model cannot take (e.g. TP not
+    dividing the heads) is reported with the role's config section."""
     from c2f_megatron.training.trainer import build_chunks, load_initial_weights
 
-    chunks = build_chunks(kind, model_cfg, layout)
+    try:
+        chunks = build_chunks(kind, model_cfg, layout)
+    except ValueError as exc:
+        section = "parallel" if layout.is_global else f"{layout.name}.parallel"
+        raise ValueError(f"{section} ({layout.describe()}): {exc}") from exc
     if ckpt is not None:
         load_initial_weights(kind, chunks, ckpt)
     return chunks
