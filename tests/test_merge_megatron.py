@@ -126,10 +126,3 @@ def test_refuses_layout_that_does_not_divide_the_model(tmp_path, capsys):
         capsys, ["--a", str(a), "--b", str(b), "--gamma", "0.7", "--out", str(tmp_path / "o"), "--pp", "3"]
     )
     assert "--pp 3" in err or "pipeline" in err
-
-
-def test_mode_detection_uses_the_checkpoint_metadata_name():
-    """The merge spells the metadata file name itself (so detecting HF mode imports no torch)."""
-    from c2f_megatron.merge import MEGATRON_METADATA_FILE
-
-    assert MEGATRON_METADATA_FILE == METADATA_FILE

@@ -28,6 +28,7 @@ from torch import Tensor
 from c2f_megatron.checkpoint import hf_mistral as hm
 from c2f_megatron.checkpoint.hf_mistral import ConversionError
 from c2f_megatron.checkpoint.megatron_dir import (
+    METADATA_FILE,
     CheckpointMetadata,
     commit_output,
     load_model_checkpoint,
@@ -524,7 +525,7 @@ def convert_megatron_to_hf(
     start = time.perf_counter()
     _check_output(out, force)
     meta = read_metadata(megatron_dir)
-    source = str(Path(megatron_dir) / "c2f_checkpoint.json")
+    source = str(Path(megatron_dir) / METADATA_FILE)
     if meta.kind != "gpt":
         raise ConversionError(f"{source}: field 'kind' is {meta.kind!r}; only 'gpt' (LM head) exports to HF")
     cfg = meta.model

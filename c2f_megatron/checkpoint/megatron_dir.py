@@ -24,10 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from c2f_megatron.checkpoint import atomic_dir
+from c2f_megatron.checkpoint import METADATA_FILE, atomic_dir
 from c2f_megatron.models.config import ModelConfig
 
-METADATA_FILE = "c2f_checkpoint.json"
 MODEL_SUBDIR = "model"
 FORMAT_NAME = "c2f-megatron"
 FORMAT_VERSION = 1

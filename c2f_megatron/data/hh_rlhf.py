@@ -24,7 +24,7 @@ from c2f_megatron.data.templates import (
     HH_ASSISTANT,
     PromptFormat,
     apply_system_prompt,
-    hh_to_mistral_instruct,
+    hh_prompt_in_format,
     strip_stop_tokens,
 )
 
@@ -305,7 +305,7 @@ def prompts_for_rl(
     fmt = PromptFormat(prompt_format)
     seen: dict[str, None] = {}
     for pair in pairs:
-        prompt = hh_to_mistral_instruct(pair.prompt) if fmt is PromptFormat.MISTRAL_INSTRUCT else pair.prompt
+        prompt = hh_prompt_in_format(pair.prompt, fmt)
         prompt = apply_system_prompt(prompt, system_prompt, fmt, position=system_position)
         seen.setdefault(strip_stop_tokens(prompt, stop_strings))
     return list(seen)

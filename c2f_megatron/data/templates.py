@@ -126,6 +126,11 @@ def hh_to_mistral_instruct(prompt: str) -> str:
     return render_mistral_instruct(merge_consecutive_turns(parse_hh(prompt)))
 
 
+def hh_prompt_in_format(prompt: str, fmt: PromptFormat | str) -> str:
+    """An HH-RLHF prompt as the model sees it in ``fmt``: HH text as is, or converted to Mistral instruct."""
+    return hh_to_mistral_instruct(prompt) if PromptFormat(fmt) is PromptFormat.MISTRAL_INSTRUCT else prompt
+
+
 def apply_system_prompt(
     prompt: str,
     system_prompt: str | None,

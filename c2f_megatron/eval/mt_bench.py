@@ -169,6 +169,32 @@ def _prompt(prompts: dict[str, JudgePrompt], name: str) -> JudgePrompt:
     return prompts[name]
 
 
+def _request(
+    kind: str,
+    question: Question,
+    answers: dict[str, tuple[str, str]],
+    prompts: dict[str, JudgePrompt],
+    references: Answers,
+    turn: int,
+) -> JudgeRequest:
+    """Fill the judge template of ``kind`` for one turn. ``answers`` maps the template's answer-field suffix
+    ("" for single grading, "_a"/"_b" for pairs) to a model's two turns: turn 1 templates name the fields
+    ``answer{suffix}``, turn 2 templates ``answer{suffix}_1`` and ``answer{suffix}_2``."""
+    name = judge_name(kind, question.category, turn)
+    jp = _prompt(prompts, name)
+    fields = _reference_kwargs(question, references, turn)
+    if turn == 2:
+        fields.update(question_1=question.turns[0], question_2=question.turns[1])
+        for suffix, answer in answers.items():
+            fields[f"answer{suffix}_1"], fields[f"answer{suffix}_2"] = answer[0], answer[1]
+    else:
+        fields["question"] = question.turns[0]
+        for suffix, answer in answers.items():
+            fields[f"answer{suffix}"] = answer[0]
+    user = jp.prompt_template.format(**fields)
+    return JudgeRequest(question.question_id, question.category, turn, name, jp.system_prompt, user)
+
+
 def build_single_request(
     question: Question,
     answer: tuple[str, str],
@@ -177,20 +203,7 @@ def build_single_request(
     turn: int,
 ) -> JudgeRequest:
     """The single-answer grading request for one turn (FastChat ``run_judge_single``)."""
-    name = judge_name("single", question.category, turn)
-    jp = _prompt(prompts, name)
-    kwargs = _reference_kwargs(question, references, turn)
-    if turn == 2:
-        user = jp.prompt_template.format(
-            question_1=question.turns[0],
-            question_2=question.turns[1],
-            answer_1=answer[0],
-            answer_2=answer[1],
-            **kwargs,
-        )
-    else:
-        user = jp.prompt_template.format(question=question.turns[0], answer=answer[0], **kwargs)
-    return JudgeRequest(question.question_id, question.category, turn, name, jp.system_prompt, user)
+    return _request("single", question, {"": answer}, prompts, references, turn)
 
 
 def build_pair_request(
@@ -202,24 +215,7 @@ def build_pair_request(
     turn: int,
 ) -> JudgeRequest:
     """The pairwise comparison request for one turn, A first (FastChat ``run_judge_pair``)."""
-    name = judge_name("pairwise", question.category, turn)
-    jp = _prompt(prompts, name)
-    kwargs = _reference_kwargs(question, references, turn)
-    if turn == 2:
-        user = jp.prompt_template.format(
-            question_1=question.turns[0],
-            question_2=question.turns[1],
-            answer_a_1=answer_a[0],
-            answer_b_1=answer_b[0],
-            answer_a_2=answer_a[1],
-            answer_b_2=answer_b[1],
-            **kwargs,
-        )
-    else:
-        user = jp.prompt_template.format(
-            question=question.turns[0], answer_a=answer_a[0], answer_b=answer_b[0], **kwargs
-        )
-    return JudgeRequest(question.question_id, question.category, turn, name, jp.system_prompt, user)
+    return _request("pairwise", question, {"_a": answer_a, "_b": answer_b}, prompts, references, turn)
 
 
 # ----------------------------------------------------------------------------------------------- parsing

@@ -7,7 +7,6 @@ is imported lazily with the Agg backend (no display); files are written to a tem
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -29,18 +28,13 @@ GAMMA_METRICS: dict[str, str] = {
 
 def read_metrics_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl`` (prefix stripped: ``train/reward_mean`` -> ``reward_mean``)."""
+    from c2f_megatron.eval.benchmarks import read_jsonl
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: metrics file not found")
-    records = []
-    for k, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{k}: not valid JSON ({exc})") from exc
-        records.append({key.split("/", 1)[-1]: value for key, value in raw.items()})
-    return records
+    return [
+        {key.split("/", 1)[-1]: value for key, value in raw.items()} for raw in read_jsonl(path, ValueError)
+    ]
 
 
 def _pyplot():

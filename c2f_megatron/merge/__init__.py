@@ -22,9 +22,6 @@ from typing import Any
 from c2f_megatron.merge.recipe import MergeRecipe
 
 TOOL_NAME = "c2f_megatron.merge"
-# = c2f_megatron.checkpoint.megatron_dir.METADATA_FILE, spelled here because importing that module imports
-# torch (a test holds the two equal); detecting the mode must not cost an HF merge the torch import.
-MEGATRON_METADATA_FILE = "c2f_checkpoint.json"
 
 
 class MergeError(ValueError):

@@ -20,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from c2f_megatron.merge import MEGATRON_METADATA_FILE, MergeError
+from c2f_megatron.checkpoint import METADATA_FILE
+from c2f_megatron.merge import MergeError
 from c2f_megatron.merge.gamma import GammaError, output_dirs, parse_gammas
 from c2f_megatron.merge.recipe import MergeRecipe
 
@@ -91,13 +92,13 @@ def detect_mode(paths: list[Path]) -> str:
     for p in paths:
         if not p.is_dir():
             raise MergeError(f"{p}: checkpoint directory not found")
-        if (p / MEGATRON_METADATA_FILE).is_file():
+        if (p / METADATA_FILE).is_file():
             modes.append("megatron")
         elif is_hf_checkpoint(p):
             modes.append("hf")
         else:
             raise MergeError(
-                f"{p}: neither a c2f megatron checkpoint ({MEGATRON_METADATA_FILE}) nor an HF safetensors directory "
+                f"{p}: neither a c2f megatron checkpoint ({METADATA_FILE}) nor an HF safetensors directory "
                 "(config.json + model.safetensors or model.safetensors.index.json)"
             )
     if len(set(modes)) > 1:

@@ -21,14 +21,6 @@ from typing import Any
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
-class LayoutSpec:
-    """A role's parallel sizes; the data-parallel size is ``world / (tp * pp)``."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-
-
 @dataclass
 class RoleLayout:
     """Where this rank sits in one role's layout, and the groups that role communicates over."""
@@ -132,12 +124,12 @@ def _groups(lists: list[list[int]], me: int) -> tuple[Any, list[int]]:
     return mine, mine_ranks
 
 
-def build_role_layout(name: str, spec: LayoutSpec) -> RoleLayout:
-    """The layout for ``spec``: the global one when the sizes match it, else new process groups.
+def build_role_layout(name: str, tp: int, pp: int) -> RoleLayout:
+    """The layout of ``name`` at TP ``tp`` x PP ``pp`` (data parallel: the rest of the world): the global
+    one when the sizes match it, else new process groups.
 
-    Collective: every rank must call it, with the same specs in the same order.
+    Collective: every rank must call it, with the same sizes in the same order.
     """
-    tp, pp = spec.tensor_model_parallel_size, spec.pipeline_model_parallel_size
     world = dist.get_world_size()
     if tp < 1 or pp < 1 or world % (tp * pp):
         raise ValueError(

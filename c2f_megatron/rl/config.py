@@ -18,7 +18,6 @@ from typing import Literal
 from c2f_megatron.data.hh_rlhf import HHDataConfig
 from c2f_megatron.data.templates import COARSE_ACTOR_SYSTEM_PROMPT
 from c2f_megatron.platform.distributed import ParallelConfig
-from c2f_megatron.platform.role_layout import LayoutSpec
 from c2f_megatron.rl.kl_control import KLControlConfig
 from c2f_megatron.rl.length_control import LengthControlConfig
 from c2f_megatron.training.config import LoggingConfig, ModelSection, OptimConfig
@@ -31,8 +30,9 @@ class RoleParallel:
     tensor_model_parallel_size: int | None = None
     pipeline_model_parallel_size: int | None = None
 
-    def resolve(self, actor: ParallelConfig) -> LayoutSpec:
-        return LayoutSpec(
+    def resolve(self, actor: ParallelConfig) -> tuple[int, int]:
+        """(TP, PP) of the role."""
+        return (
             self.tensor_model_parallel_size or actor.tensor_model_parallel_size,
             self.pipeline_model_parallel_size or actor.pipeline_model_parallel_size,
         )

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from c2f_megatron.checkpoint import METADATA_FILE
 from c2f_megatron.checkpoint.megatron_dir import (
     CheckpointError,
     CheckpointMetadata,
@@ -58,6 +59,7 @@ from c2f_megatron.rl.workers import (
     TokenFrequencyReward,
 )
 from c2f_megatron.training.checkpointing import (
+    TRAINER_STATE_FILE,
     ModelState,
     TrainerState,
     latest_checkpoint,
@@ -146,15 +148,15 @@ def resolve_checkpoint(path: str, role: str) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{role}: checkpoint {p} not found")
-    if not (p / "c2f_checkpoint.json").is_file() and not (p / "trainer_state.json").is_file():
+    if not (p / METADATA_FILE).is_file() and not (p / TRAINER_STATE_FILE).is_file():
         latest = latest_checkpoint(p)
         if latest is None:
             raise CheckpointError(f"{role}: {p} holds no c2f checkpoint and no complete step_* checkpoint")
         p = latest
-    if (p / role.split(".")[0] / "c2f_checkpoint.json").is_file():
+    if (p / role.split(".")[0] / METADATA_FILE).is_file():
         p = p / role.split(".")[0]
-    if not (p / "c2f_checkpoint.json").is_file():
-        raise CheckpointError(f"{role}: {p} has no c2f_checkpoint.json")
+    if not (p / METADATA_FILE).is_file():
+        raise CheckpointError(f"{role}: {p} has no {METADATA_FILE}")
     return p
 
 
@@ -202,9 +204,9 @@ def build_layouts(cfg: PPOJobConfig) -> RoleLayouts:
             "parallel.virtual_pipeline_model_parallel_size: the PPO actor needs one model chunk per rank "
             "(the rollout's KV-cached decoding has no interleaved schedule); unset it"
         )
-    critic = build_role_layout("critic", cfg.critic.parallel.resolve(cfg.parallel))
-    reference = build_role_layout("reference", cfg.reference.parallel.resolve(cfg.parallel))
-    reward = build_role_layout("reward", cfg.reward.parallel.resolve(cfg.parallel))
+    critic = build_role_layout("critic", *cfg.critic.parallel.resolve(cfg.parallel))
+    reference = build_role_layout("reference", *cfg.reference.parallel.resolve(cfg.parallel))
+    reward = build_role_layout("reward", *cfg.reward.parallel.resolve(cfg.parallel))
     cfg.ppo.check_role("actor", actor.dp, trained=True)
     cfg.ppo.check_role("critic", critic.dp, trained=True)
     cfg.ppo.check_role("reference", reference.dp, trained=False)

@@ -185,6 +185,17 @@ class FrozenChunks:
             if self.offload:
                 torch.cuda.empty_cache()
 
+    def forward_only(
+        self,
+        exp: Experience,
+        micro_batch_size: int,
+        compute: Callable[[Tensor, Experience], dict[str, Tensor]],
+        shapes: dict[str, tuple[int, ...]],
+    ) -> dict[str, Tensor]:
+        """``forward_only`` of these chunks on their layout, on the device only for the pass."""
+        with self.on_device() as chunks:
+            return forward_only(chunks, self.layout, exp, micro_batch_size, compute, shapes)
+
 
 # ----------------------------------------------------------------------------------------------- workers
 
@@ -300,15 +311,9 @@ class ReferenceWorker(PolicyScorer):
         return {"logprobs": logp}
 
     def compute_log_probs(self, exp: Experience) -> Tensor:
-        with self.frozen.on_device() as chunks:
-            out = forward_only(
-                chunks,
-                self.frozen.layout,
-                exp,
-                self.micro_batch_size,
-                self._logprobs,
-                {"logprobs": (exp.response_width,)},
-            )
+        out = self.frozen.forward_only(
+            exp, self.micro_batch_size, self._logprobs, {"logprobs": (exp.response_width,)}
+        )
         return out["logprobs"]
 
 
@@ -369,15 +374,12 @@ class RewardModelWorker:
         self.mean, self.std = mean, std
 
     def score(self, exp: Experience) -> Tensor:
-        with self.frozen.on_device() as chunks:
-            out = forward_only(
-                chunks,
-                self.frozen.layout,
-                exp,
-                self.micro_batch_size,
-                lambda output, mb: {"score": last_generated_values(output, mb)},
-                {"score": ()},
-            )
+        out = self.frozen.forward_only(
+            exp,
+            self.micro_batch_size,
+            lambda output, mb: {"score": last_generated_values(output, mb)},
+            {"score": ()},
+        )
         return out["score"]
 
 

@@ -117,14 +117,12 @@ def collate_pairs(
 
 def tokenize_pairs(pairs, tokenizer, seq_length: int, prompt_format: str) -> list[PairExample]:
     """Both sides as ``[BOS] prompt response [EOS]``, at most ``seq_length`` ids, prompt cut from the left."""
-    from c2f_megatron.data.templates import PromptFormat, hh_to_mistral_instruct
+    from c2f_megatron.data.templates import hh_prompt_in_format
     from c2f_megatron.training.tasks.sft import build_example
 
     out = []
     for pair in pairs:
-        prompt = pair.prompt
-        if PromptFormat(prompt_format) is PromptFormat.MISTRAL_INSTRUCT:
-            prompt = hh_to_mistral_instruct(prompt)
+        prompt = hh_prompt_in_format(pair.prompt, prompt_format)
         sides = []
         for response in (pair.chosen, pair.rejected):
             prompt_ids, response_ids = tokenizer.encode_pair(prompt, response)

@@ -75,13 +75,11 @@ def collate_sft(
 
 
 def tokenize_pairs(pairs, tokenizer, seq_length: int, prompt_format: str) -> list[SFTExample]:
-    from c2f_megatron.data.templates import PromptFormat, hh_to_mistral_instruct
+    from c2f_megatron.data.templates import hh_prompt_in_format
 
     out = []
     for pair in pairs:
-        prompt = pair.prompt
-        if PromptFormat(prompt_format) is PromptFormat.MISTRAL_INSTRUCT:
-            prompt = hh_to_mistral_instruct(prompt)
+        prompt = hh_prompt_in_format(pair.prompt, prompt_format)
         prompt_ids, response_ids = tokenizer.encode_pair(prompt, pair.chosen)
         out.append(build_example(prompt_ids, response_ids, tokenizer.bos_id, tokenizer.eos_id, seq_length))
     return out
