@@ -62,16 +62,20 @@ def build_model_chunks(model_cfg: ModelConfig, layout: RoleLayout | None = None,
     ]
 
 
-def mask_padded_vocab(logits: Tensor, true_vocab_size: int, vocab_start: int = 0) -> Tensor:
+def mask_padded_vocab(
+    logits: Tensor, true_vocab_size: int, vocab_start: int = 0, inplace: bool = False
+) -> Tensor:
     """Set the logits of vocab-padding rows to -inf so sampling and log-probs see only the true vocab.
 
     ``logits[..., i]`` is global vocab id ``vocab_start + i`` (a TP rank's slice starts at
-    ``tp_rank * vocab/tp``). Padding rows exist only because the vocab is rounded up for TP.
+    ``tp_rank * vocab/tp``). Padding rows exist only because the vocab is rounded up for TP. A copy unless
+    ``inplace`` (for a caller that owns ``logits``).
     """
     first_pad = max(true_vocab_size - vocab_start, 0)
     if first_pad >= logits.shape[-1]:
         return logits
-    logits = logits.clone()
+    if not inplace:
+        logits = logits.clone()
     logits[..., first_pad:] = float("-inf")
     return logits
 

@@ -14,12 +14,14 @@ import torch
 from torch import Tensor
 
 
-def suppress_ids(logits: Tensor, ids: Sequence[int], vocab_start: int = 0) -> Tensor:
-    """Copy of ``logits`` with the global ids ``ids`` set to -inf (ids outside this vocab slice ignored)."""
+def suppress_ids(logits: Tensor, ids: Sequence[int], vocab_start: int = 0, inplace: bool = False) -> Tensor:
+    """``logits`` with the global ids ``ids`` set to -inf (ids outside this vocab slice ignored); a copy
+    unless ``inplace`` (for a caller that owns ``logits``)."""
     local = [i - vocab_start for i in ids if 0 <= i - vocab_start < logits.shape[-1]]
     if not local:
         return logits
-    logits = logits.clone()
+    if not inplace:
+        logits = logits.clone()
     logits[..., local] = float("-inf")
     return logits
 

@@ -46,9 +46,9 @@ def policy_logits(
     from c2f_megatron.models.gpt import mask_padded_vocab
     from c2f_megatron.rl.sampling import suppress_ids
 
-    z = logits.float() / temperature
-    z = mask_padded_vocab(z, true_vocab_size, vocab_start)
-    return suppress_ids(z, suppressed, vocab_start)
+    z = logits.float() / temperature  # always a new tensor: mask it in place (no [b, R, V/tp] copies)
+    z = mask_padded_vocab(z, true_vocab_size, vocab_start, inplace=True)
+    return suppress_ids(z, suppressed, vocab_start, inplace=True)
 
 
 def response_logprobs(
