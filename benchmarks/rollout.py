@@ -33,7 +33,7 @@ def hf_model_from(model, cfg):
     """``MistralForCausalLM`` with the megatron model's weights (TP=PP=1), in eval mode."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from c2f_megatron.checkpoint import hf_mistral as hm
+    from c2f_megatron.checkpoint import hf_mapping as hm
     from c2f_megatron.checkpoint.convert import hf_tensors_of
     from c2f_megatron.models.config import DTYPES
     from c2f_megatron.models.specs import resolve_layer_spec

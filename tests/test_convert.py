@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from c2f_megatron.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
-from c2f_megatron.checkpoint.hf_mistral import ConversionError
+from c2f_megatron.checkpoint.hf_mapping import ConversionError
 from tests.launch import REPO_ROOT, run_python, run_torchrun, worker_env
 
 TO_MEGATRON = REPO_ROOT / "tools" / "convert_hf_to_megatron.py"
@@ -98,7 +98,10 @@ def test_tp1_parity_export_bitwise_and_loadable_by_transformers(hf_dir, tmp_path
     assert _verified_diff(out) <= TOLERANCE
     meta = json.loads((mg / "c2f_checkpoint.json").read_text())
     assert meta["model"]["vocab_size"] == 1003 and meta["model"]["sliding_window"] == 8
-    assert meta["tokenizer"]["files"] == ["tokenizer.model"] and meta["tokenizer"]["vocab_size"] == 32000
+    assert (
+        meta["tokenizer"]["files"] == ["tokenizer.model", "generation_config.json"]
+        and meta["tokenizer"]["vocab_size"] == 32000
+    )
     run_python(TO_HF, ["--megatron-dir", str(mg), "--out", str(back), "--max-shard-size", "100KB"])
     assert_bitwise_equal(hf_dir, back)
     assert (back / "model.safetensors.index.json").is_file() and (back / "tokenizer.model").is_file()
@@ -163,9 +166,9 @@ def _copy_hf(hf_dir: Path, dest: Path, tensors: dict[str, torch.Tensor] | None =
 
 
 def test_refuses_other_architectures(hf_dir, tmp_path):
-    llama = _copy_hf(hf_dir, tmp_path / "llama", architectures=["LlamaForCausalLM"], model_type="llama")
+    qwen = _copy_hf(hf_dir, tmp_path / "qwen", architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     with pytest.raises(ConversionError, match=r"config.json: field 'architectures'"):
-        convert_hf_to_megatron(llama, tmp_path / "out")
+        convert_hf_to_megatron(qwen, tmp_path / "out")
     mixtral = tmp_path / "mixtral"
     mixtral.mkdir()
     cfg = json.loads((hf_dir / "config.json").read_text()) | {"model_type": "mixtral"}

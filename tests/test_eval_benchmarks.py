@@ -95,6 +95,25 @@ def test_mmlu_constant_model_scores_share_of_gold_A(shared_data: Path):
     assert res.value == pytest.approx(expected, abs=1e-12)
     assert res.chance == pytest.approx(0.25)
     assert set(res.subtasks) == {s for s, _ in chosen}
+    # categories: the micro-average over each category's items, computed here directly
+    from c2f_megatron.eval.benchmarks import MMLU_CATEGORIES
+
+    for category, subjects in MMLU_CATEGORIES.items():
+        mine = [r for s, r in chosen if s in subjects]
+        assert res.categories[category] == pytest.approx(sum(r[5] == "0" for r in mine) / len(mine))
+
+
+def test_mmlu_categories_cover_every_subject_once_and_zero_shot(shared_data: Path):
+    from c2f_megatron.eval.benchmarks import MMLU_CATEGORIES
+
+    subjects = [s for group in MMLU_CATEGORIES.values() for s in group]
+    local = {p.name[: -len("_test.csv")] for p in (shared_data / "mmlu/test").glob("*_test.csv")}
+    assert len(subjects) == len(set(subjects)) == 57 and set(subjects) == local
+    item = mmlu_items(shared_data, "local", ["college_biology"], 1, 0, shots=0)[0]
+    assert item.contexts[0].startswith(
+        "The following are multiple choice questions (with answers) about college biology.\n\n"
+    )
+    assert item.contexts[0].count("\nAnswer:") == 1
 
 
 # ----------------------------------------------------------------------------------------------- ARC

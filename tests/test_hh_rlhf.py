@@ -127,10 +127,15 @@ def test_real_file_split(real: LoadResult) -> None:
 
 
 def test_real_file_rl_prompts(real: LoadResult) -> None:
-    prompts = prompts_for_rl(real.pairs)
+    from c2f_megatron.data import ChatFormat, load_tokenizer
+
+    tok = load_tokenizer()
+    prompts = prompts_for_rl(real.pairs, ChatFormat("hh", tok))
     assert len(prompts) == len({p.prompt for p in real.pairs}) == 2301
     assert prompts[0] == real.pairs[0].prompt
-    coarse = prompts_for_rl(real.pairs, "mistral-instruct", system_prompt=COARSE_ACTOR_SYSTEM_PROMPT)
+    coarse = prompts_for_rl(
+        real.pairs, ChatFormat("mistral-instruct", tok), system_prompt=COARSE_ACTOR_SYSTEM_PROMPT
+    )
     assert len(coarse) == 2301
     assert all(
         p.startswith(f"[INST] {COARSE_ACTOR_SYSTEM_PROMPT}\n\n") and p.endswith(" [/INST]") for p in coarse

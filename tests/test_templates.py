@@ -9,7 +9,6 @@ from c2f_megatron.data.templates import (
     PromptFormat,
     Turn,
     apply_system_prompt,
-    hh_to_mistral_instruct,
     merge_consecutive_turns,
     parse_hh,
     render_hh,
@@ -110,10 +109,13 @@ def test_coarse_actor_prompt() -> None:
 
 
 def test_hh_to_mistral_merges_consecutive_turns() -> None:
+    from c2f_megatron.data import ChatFormat, load_tokenizer
+
+    chat = ChatFormat("mistral-instruct", load_tokenizer())
     hh = "\n\nHuman: first\n\nHuman: second\n\nAssistant: ok\n\nHuman: third\n\nAssistant:"
-    assert hh_to_mistral_instruct(hh) == "[INST] first\n\nsecond [/INST] ok</s>[INST] third [/INST]"
+    assert chat.from_hh(hh) == "[INST] first\n\nsecond [/INST] ok</s>[INST] third [/INST]"
     assert merge_consecutive_turns([("user", "a"), ("user", "b")], sep=" ") == [("user", "a b")]
-    assert hh_to_mistral_instruct(HH) == MISTRAL
+    assert chat.from_hh(HH) == MISTRAL
 
 
 def test_strip_stop_tokens() -> None:

@@ -1,4 +1,4 @@
-"""HF Mistral -> c2f megatron checkpoint; same as ``c2f convert hf-to-megatron``.
+"""HF Mistral/Llama -> c2f megatron checkpoint; same as ``c2f convert hf-to-megatron``.
 
 python tools/convert_hf_to_megatron.py --hf-dir DIR --out DIR [--dtype fp32|bf16] [--verify] [--force]
 torchrun --nproc_per_node=4 tools/convert_hf_to_megatron.py --hf-dir DIR --out DIR --tp 2 --pp 2

@@ -1,4 +1,4 @@
-"""c2f megatron checkpoint -> HF Mistral (safetensors shards + index + config.json); same as
+"""c2f megatron checkpoint -> HF Mistral/Llama (safetensors shards + index + config.json); same as
 ``c2f convert megatron-to-hf``.
 
     python tools/convert_megatron_to_hf.py --megatron-dir DIR --out DIR [--dtype fp32|bf16] [--force]

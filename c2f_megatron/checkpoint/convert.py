@@ -1,4 +1,5 @@
-"""Exact HF Mistral <-> c2f megatron checkpoint conversion, at any TP/PP, streaming tensor by tensor.
+"""Exact HF (Mistral / Llama family) <-> c2f megatron checkpoint conversion, at any TP/PP, streaming
+tensor by tensor.
 
 HF -> megatron: every rank builds the stock ``GPTModel`` of its TP/PP shard without random initialisation,
 fills each parameter from lazily read (``safe_open`` slices) HF tensors, and saves with
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from c2f_megatron.checkpoint import hf_mistral as hm
-from c2f_megatron.checkpoint.hf_mistral import ConversionError
+from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES
+from c2f_megatron.checkpoint import hf_mapping as hm
+from c2f_megatron.checkpoint.hf_mapping import ConversionError
 from c2f_megatron.checkpoint.megatron_dir import (
     METADATA_FILE,
     CheckpointMetadata,
@@ -39,7 +41,6 @@ from c2f_megatron.checkpoint.megatron_dir import (
 from c2f_megatron.models.config import DTYPES, ModelConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TOKENIZER_SUBDIR = "tokenizer"
 DEFAULT_MAX_SHARD = "5GB"
 
@@ -152,9 +153,12 @@ def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
 
 
 def check_hf_tensors(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
-    """Refuse missing, extra (``rotary_emb.inv_freq`` buffers excepted) or mis-shaped tensors, by name."""
+    """Refuse missing, extra or mis-shaped tensors, by name. ``rotary_emb.inv_freq`` buffers, and the
+    ``lm_head.weight`` some tied checkpoints still store (transformers ignores it too), are not read."""
     expected = hm.expected_hf_shapes(cfg)
     present = {n for n in ckpt.shapes if not n.endswith("rotary_emb.inv_freq")}
+    if cfg.tied_embeddings:
+        present.discard(hm.LM_HEAD.hf[0])
     missing = [n for n in expected if n not in present]
     extra = sorted(present - set(expected))
     if missing:
@@ -166,7 +170,7 @@ def check_hf_tensors(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
         raise ConversionError(
             f"{ckpt.directory}: unexpected tensor(s) {', '.join(extra[:8])}"
             + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
-            + " (not a plain MistralForCausalLM)"
+            + f" (not a plain {hm.HF_CLASSES[cfg.family][0]})"
         )
     for name, shape in expected.items():
         if ckpt.shapes[name] != shape:
@@ -246,7 +250,7 @@ def fill_from_hf(chunk: torch.nn.Module, ckpt: HFCheckpoint, cfg: ModelConfig) -
     with torch.no_grad():
         for name, param in params.items():
             try:
-                rule, local = hm.rule_for(name, spec)
+                rule, local = hm.rule_for(name, spec, cfg.tied_embeddings)
             except KeyError as exc:
                 raise ConversionError(str(exc)) from exc
             layer = None if local is None else _layer_offset(chunk, local)
@@ -261,12 +265,14 @@ def fill_from_hf(chunk: torch.nn.Module, ckpt: HFCheckpoint, cfg: ModelConfig) -
 
 
 def _tokenizer_info(hf_dir: Path) -> tuple[dict[str, Any], list[Path]]:
-    """Tokenizer files to carry over and the info recorded about them (the default Mistral one if none)."""
+    """Tokenizer (and side) files to carry over and the info recorded about the tokenizer (the default
+    Mistral one when the directory has no tokenizer files)."""
     from c2f_megatron.data.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
-    files = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
-    if not files:
-        return {"spec": DEFAULT_TOKENIZER, "files": [], **load_tokenizer(None).info().to_dict()}, []
+    files = [hf_dir / n for n in (*TOKENIZER_FILES, *HF_SIDE_FILES) if (hf_dir / n).is_file()]
+    if not any(f.name in TOKENIZER_FILES for f in files):
+        info = {"spec": DEFAULT_TOKENIZER, "files": [], **load_tokenizer(None).info().to_dict()}
+        return info, files
     info: dict[str, Any] = {"spec": TOKENIZER_SUBDIR, "files": [f.name for f in files]}
     spec = str(hf_dir / "tokenizer.model") if (hf_dir / "tokenizer.model").is_file() else str(hf_dir)
     try:
@@ -287,7 +293,7 @@ def convert_hf_to_megatron(
     verify_seq_len: int = 32,
     verify_tolerance: float | None = None,
 ) -> ConversionReport:
-    """Convert an HF Mistral directory into a c2f megatron checkpoint at ``out`` (all ranks call it).
+    """Convert an HF Mistral/Llama directory into a c2f megatron checkpoint at ``out`` (all ranks call it).
 
     ``tp``/``pp`` is the layout used while converting (each rank reads only its slices); the result loads
     at any layout. ``verify`` compares logits of both models on a fixed sequence and raises above the
@@ -315,7 +321,7 @@ def convert_hf_to_megatron(
         dtype=cfg.params_dtype,
         provenance={
             "converted_from": str(hf_dir.resolve()),
-            "format": "huggingface-mistral",
+            "format": f"huggingface-{cfg.family}",
             "converter": "c2f_megatron.checkpoint.convert",
             "convert_layout": {"tp": tp, "pp": pp},
         },
@@ -385,9 +391,9 @@ def megatron_logits(chunk: torch.nn.Module, tokens: Tensor, vocab_size: int) -> 
 
 
 def hf_logits(hf_dir: Path, tokens: Tensor, dtype: torch.dtype) -> Tensor:
-    from transformers import MistralForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = MistralForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="eager")
     model.eval()
     with torch.no_grad():
         logits = model(tokens).logits.float()
@@ -518,7 +524,8 @@ def convert_megatron_to_hf(
     pp: int = 1,
     max_shard_size: str | int = DEFAULT_MAX_SHARD,
 ) -> ConversionReport:
-    """Export a c2f megatron checkpoint to an HF Mistral directory (safetensors shards + index + config).
+    """Export a c2f megatron checkpoint to an HF Mistral/Llama directory (safetensors shards + index +
+    config).
 
     Padded vocab rows are dropped; ``dtype`` defaults to the checkpoint's. All ranks call it.
     """
@@ -532,7 +539,7 @@ def convert_megatron_to_hf(
     out_dtype = dtype or meta.dtype
     if out_dtype not in DTYPES:
         raise ConversionError(f"dtype {out_dtype!r} is not one of {sorted(DTYPES)}")
-    hf_config = hm.hf_config_from_model(cfg, out_dtype)
+    hf_config = hm.hf_config_from_model(cfg, out_dtype, meta.tokenizer)
     check_layout(cfg, tp, pp, source)
     max_bytes = parse_size(max_shard_size)
     import torch.distributed as dist
@@ -554,7 +561,9 @@ def convert_megatron_to_hf(
     spec = hm.detect_layer_spec(list(params))
     with torch.no_grad():
         for name, param in params.items():
-            rule, local = hm.rule_for(name, spec)
+            rule, local = hm.rule_for(name, spec, cfg.tied_embeddings)
+            if rule is hm.TIED_HEAD:  # the last stage's copy of the embedding (exported by the first)
+                continue
             layer = None if local is None else _layer_offset(chunk, local)
             for hf_name, tensor in hf_tensors_of(name, param, rule, layer, cfg):
                 if writer_rank:

@@ -1,6 +1,8 @@
-"""``c2f convert hf-to-megatron | megatron-to-hf``: the converters' command line (also ``tools/convert_*.py``).
+"""``c2f convert hf-to-megatron | megatron-to-hf | gguf-to-hf``: the converters' command line (also
+``tools/convert_*.py``).
 
-Runs as one process (TP1 PP1) or under ``torchrun`` with ``--tp``/``--pp`` (each rank converts its shard).
+The megatron converters run as one process (TP1 PP1) or under ``torchrun`` with ``--tp``/``--pp`` (each rank
+converts its shard); ``gguf-to-hf`` (llama.cpp GGUF -> HF Llama directory) is a single process.
 Refused inputs end with one clear line on stderr and exit code 2, not a traceback.
 """
 
@@ -40,6 +42,19 @@ def add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     _layout_args(p)
+
+
+def add_gguf_to_hf_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf", required=True, help="llama.cpp GGUF file of a Llama-architecture model")
+    p.add_argument("--out", required=True, help="output HF directory (safetensors + config + tokenizer)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="output dtype (default fp32: exact dequantization)",
+    )
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +98,16 @@ def run_megatron_to_hf(args: argparse.Namespace) -> int:
     )
 
 
+def run_gguf_to_hf(args: argparse.Namespace) -> int:
+    from c2f_megatron.checkpoint.gguf import convert_gguf_to_hf
+
+    return _guarded(
+        lambda: convert_gguf_to_hf(
+            args.gguf, args.out, dtype=args.dtype, force=args.force, max_shard_size=args.max_shard_size
+        )
+    )
+
+
 def _guarded(convert) -> int:
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
     from c2f_megatron.platform.distributed import is_rank_zero
@@ -122,3 +147,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = conv.add_parser("megatron-to-hf", help="c2f megatron checkpoint -> HF Mistral (safetensors)")
     add_megatron_to_hf_args(b)
     b.set_defaults(func=run_megatron_to_hf)
+    c = conv.add_parser("gguf-to-hf", help="llama.cpp GGUF (Llama architecture) -> HF Llama (safetensors)")
+    add_gguf_to_hf_args(c)
+    c.set_defaults(func=run_gguf_to_hf)

@@ -1,5 +1,6 @@
-"""Data: tokenizers, prompt templates, HH-RLHF preference pairs."""
+"""Data: tokenizers, prompt templates and chat formats, HH-RLHF preference pairs."""
 
+from c2f_megatron.data.chat import ChatFormat, encode_prompts
 from c2f_megatron.data.hh_rlhf import (
     HHData,
     HHDataConfig,
@@ -18,8 +19,6 @@ from c2f_megatron.data.templates import (
     PromptFormat,
     Turn,
     apply_system_prompt,
-    hh_prompt_in_format,
-    hh_to_mistral_instruct,
     merge_consecutive_turns,
     parse_hh,
     render_hh,
@@ -40,6 +39,7 @@ from c2f_megatron.data.tokenizer import (
 )
 
 __all__ = [
+    "ChatFormat",
     "COARSE_ACTOR_SYSTEM_PROMPT",
     "DEFAULT_TOKENIZER",
     "HFTokenizer",
@@ -55,8 +55,7 @@ __all__ = [
     "TokenizerInfo",
     "Turn",
     "apply_system_prompt",
-    "hh_prompt_in_format",
-    "hh_to_mistral_instruct",
+    "encode_prompts",
     "load_from_config",
     "load_hh_rlhf",
     "load_tokenizer",

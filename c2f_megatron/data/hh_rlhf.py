@@ -18,15 +18,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from c2f_megatron.data.templates import (
-    HH_ASSISTANT,
-    PromptFormat,
-    apply_system_prompt,
-    hh_prompt_in_format,
-    strip_stop_tokens,
-)
+from c2f_megatron.data.chat import ChatFormat
+from c2f_megatron.data.templates import HH_ASSISTANT, PromptFormat, strip_stop_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -291,23 +286,18 @@ def train_eval_split(
 
 def prompts_for_rl(
     pairs: Iterable[PreferencePair],
-    prompt_format: PromptFormat | str = PromptFormat.HH,
+    chat: ChatFormat,
     system_prompt: str | None = None,
     stop_strings: Sequence[str] = ("</s>",),
-    system_position: Literal["first", "last"] = "first",
 ) -> list[str]:
-    """Unique prompts (first-seen order) for RL rollouts, rendered in ``prompt_format``.
+    """Unique prompts (first-seen order) for RL rollouts, rendered in ``chat``'s format.
 
-    HH prompts are converted to Mistral instruct text when asked, the optional system prompt (e.g. the
-    coarse-actor instruction) is inserted, and trailing stop strings are removed so the policy does not
-    start from an end-of-sequence marker.
+    The optional system prompt (e.g. the coarse-actor instruction) is added, and trailing stop strings
+    are removed so the policy does not start from an end-of-sequence marker.
     """
-    fmt = PromptFormat(prompt_format)
     seen: dict[str, None] = {}
     for pair in pairs:
-        prompt = hh_prompt_in_format(pair.prompt, fmt)
-        prompt = apply_system_prompt(prompt, system_prompt, fmt, position=system_position)
-        seen.setdefault(strip_stop_tokens(prompt, stop_strings))
+        seen.setdefault(strip_stop_tokens(chat.from_hh(pair.prompt, system_prompt), stop_strings))
     return list(seen)
 
 

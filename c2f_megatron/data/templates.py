@@ -32,10 +32,14 @@ _HH_SPLIT = re.compile(r"\n\n(Human|Assistant):")
 
 
 class PromptFormat(str, Enum):
-    """How a dialogue is written as text. A str enum so YAML configs can hold the plain string."""
+    """How a dialogue is written as text. A str enum so YAML configs can hold the plain string.
+
+    ``chat-template`` is the tokenizer's own template; ``data.chat.ChatFormat`` renders it.
+    """
 
     HH = "hh"
     MISTRAL_INSTRUCT = "mistral-instruct"
+    CHAT_TEMPLATE = "chat-template"
 
     def __str__(self) -> str:
         return self.value
@@ -115,20 +119,12 @@ def render_mistral_instruct(turns: Sequence[Turn], system_prompt: str | None = N
 def render_prompt(turns: Sequence[Turn], fmt: PromptFormat | str, system_prompt: str | None = None) -> str:
     """Render ``turns`` in ``fmt``, with an optional system prompt on the first user turn."""
     fmt = PromptFormat(fmt)
+    if fmt is PromptFormat.CHAT_TEMPLATE:
+        raise ValueError("the 'chat-template' format is rendered by the tokenizer (data.chat.ChatFormat)")
     if fmt is PromptFormat.MISTRAL_INSTRUCT:
         return render_mistral_instruct(turns, system_prompt)
     prompt = render_hh(turns)
     return apply_system_prompt(prompt, system_prompt, fmt) if system_prompt else prompt
-
-
-def hh_to_mistral_instruct(prompt: str) -> str:
-    """Convert an HH prompt to Mistral instruct text (consecutive same-role turns merged)."""
-    return render_mistral_instruct(merge_consecutive_turns(parse_hh(prompt)))
-
-
-def hh_prompt_in_format(prompt: str, fmt: PromptFormat | str) -> str:
-    """An HH-RLHF prompt as the model sees it in ``fmt``: HH text as is, or converted to Mistral instruct."""
-    return hh_to_mistral_instruct(prompt) if PromptFormat(fmt) is PromptFormat.MISTRAL_INSTRUCT else prompt
 
 
 def apply_system_prompt(

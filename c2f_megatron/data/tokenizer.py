@@ -95,24 +95,44 @@ class Tokenizer(ABC):
     @abstractmethod
     def _fingerprint(self) -> str: ...
 
-    @abstractmethod
-    def _continuation_ids(self, prompt: str, prompt_ids: list[int], response: str) -> list[int]:
-        """Ids of ``response`` continuing ``prompt`` (which encodes to ``prompt_ids``) after one space."""
+    @property
+    def adds_bos(self) -> bool:
+        """Whether a sequence starts with BOS by this tokenizer's own convention (sentencepiece Llama and
+        Mistral do; GPT-2-style BPE tokenizers such as SmolLM2's and Llama-3's chat templates do not)."""
+        return self.bos_id is not None
 
-    def encode_pair(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (Jinja), if it has one."""
+        return None
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """``messages`` (``{"role", "content"}``) rendered as text by the tokenizer's own chat template."""
+        raise ValueError(f"tokenizer {self.name!r} has no chat template")
+
+    @abstractmethod
+    def _continuation_ids(
+        self, prompt: str, prompt_ids: list[int], response: str, separator: str, parse_special: bool
+    ) -> list[int]:
+        """Ids of ``response`` continuing ``prompt`` (which encodes to ``prompt_ids``) after ``separator``."""
+
+    def encode_pair(
+        self, prompt: str, response: str, separator: str = " ", parse_special: bool = False
+    ) -> tuple[list[int], list[int]]:
         """Tokenize ``prompt`` alone and ``response`` as its continuation.
 
-        The full text is ``prompt + " " + response``: both prompt formats (HH ``"...Assistant: text"`` and
-        Mistral ``"...[/INST] text"``) separate the response from the prompt by exactly one space, so a
-        single leading space on ``response`` is treated as that separator, not doubled. The prompt ids are
-        exactly ``encode(prompt)``, which is what the policy is conditioned on during RL; the response ids
-        are chosen so that ``prompt_ids + response_ids`` tokenizes the full text the way the model sees it.
-        No BOS/EOS is added.
+        The full text is ``prompt + separator + response``: HH ``"...Assistant: text"`` and Mistral
+        ``"...[/INST] text"`` separate the response by one space (so a single leading space on
+        ``response`` is treated as that separator, not doubled), chat templates by nothing. The prompt ids
+        are exactly ``encode(prompt, parse_special=parse_special)``, which is what the policy is
+        conditioned on during RL; the response ids are chosen so that ``prompt_ids + response_ids``
+        tokenizes the full text the way the model sees it. No BOS/EOS is added; special-token strings in
+        the response stay text.
         """
-        if response.startswith(" "):
-            response = response[1:]
-        prompt_ids = self.encode(prompt)
-        return prompt_ids, self._continuation_ids(prompt, prompt_ids, response)
+        if separator and response.startswith(separator):
+            response = response[len(separator) :]
+        prompt_ids = self.encode(prompt, parse_special=parse_special)
+        return prompt_ids, self._continuation_ids(prompt, prompt_ids, response, separator, parse_special)
 
     def info(self) -> TokenizerInfo:
         return TokenizerInfo(
@@ -178,10 +198,16 @@ class SentencePieceTokenizer(Tokenizer):
             ids.extend([piece_id] if piece_id in self._control_ids() else self._sp.encode(chunk))
         return self._with_special(ids, add_bos, add_eos)
 
-    def _continuation_ids(self, prompt: str, prompt_ids: list[int], response: str) -> list[int]:
+    def _continuation_ids(
+        self, prompt: str, prompt_ids: list[int], response: str, separator: str, parse_special: bool
+    ) -> list[int]:
         # Sentencepiece prefixes every encoded string with a space ("▁"), so encoding the response alone
         # yields the " response" the model sees after "Assistant:" / "[/INST]"; pieces never span that
         # space, so this equals the tail of encode(prompt + " " + response).
+        if separator != " ":
+            raise ValueError(
+                f"sentencepiece tokenizer {self.name!r}: responses follow prompts after one space"
+            )
         return self._sp.encode(response)
 
     def decode(self, ids: list[int]) -> str:
@@ -218,8 +244,9 @@ class SentencePieceTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """Any ``transformers.AutoTokenizer`` (local directory or hub name).
 
-    Padding uses the tokenizer's pad token, else its unk token, else EOS (same reasoning as
-    :class:`SentencePieceTokenizer`: keep padding distinguishable from a real EOS when possible).
+    Padding uses the tokenizer's pad token, else its unk token, else EOS, skipping any that is the EOS
+    (same reasoning as :class:`SentencePieceTokenizer`: keep padding distinguishable from a real EOS when
+    possible; SmolLM2 declares ``<|im_end|>``, its EOS, as pad, so ``<|endoftext|>`` pads).
     """
 
     def __init__(self, spec: str) -> None:
@@ -234,6 +261,8 @@ class HFTokenizer(Tokenizer):
             ) from exc
         if self._tok.eos_token_id is None:
             raise ValueError(f"tokenizer {spec!r} has no EOS token")
+        probe = self._tok.encode("a", add_special_tokens=True)
+        self._adds_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
 
     def encode(
         self, text: str, add_bos: bool = False, add_eos: bool = False, parse_special: bool = False
@@ -241,14 +270,31 @@ class HFTokenizer(Tokenizer):
         ids = self._tok.encode(text, add_special_tokens=False, split_special_tokens=not parse_special)
         return self._with_special(list(ids), add_bos, add_eos)
 
-    def _continuation_ids(self, prompt: str, prompt_ids: list[int], response: str) -> list[int]:
+    @property
+    def adds_bos(self) -> bool:
+        return self._adds_bos
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self._tok, "chat_template", None) or None
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ValueError(f"tokenizer {self.name!r} has no chat template")
+        return self._tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _continuation_ids(
+        self, prompt: str, prompt_ids: list[int], response: str, separator: str, parse_special: bool
+    ) -> list[int]:
         # Tokenizers differ in how they treat a leading space, so tokenize the full text and take what
         # follows the prompt ids; if the boundary merged (the full text's prefix is not the prompt's ids),
-        # fall back to tokenizing " response" on its own.
-        full = self.encode(prompt + " " + response)
+        # fall back to tokenizing separator + response on its own.
+        full = self.encode(prompt + separator + response, parse_special=parse_special)
         if full[: len(prompt_ids)] == prompt_ids:
             return full[len(prompt_ids) :]
-        return self.encode(" " + response)
+        return self.encode(separator + response)
 
     def decode(self, ids: list[int]) -> str:
         drop = {self.pad_id, self.eos_id, self.bos_id}
@@ -269,7 +315,7 @@ class HFTokenizer(Tokenizer):
     @property
     def pad_id(self) -> int:
         for candidate in (self._tok.pad_token_id, self._tok.unk_token_id):
-            if candidate is not None:
+            if candidate is not None and int(candidate) != self.eos_id:
                 return int(candidate)
         return self.eos_id
 

@@ -28,7 +28,7 @@ import json
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,6 +143,34 @@ GSM8K_COT_EXEMPLARS: tuple[tuple[str, str], ...] = (
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+# Hendrycks et al.'s four MMLU categories (their categories.py, subjects grouped by subcategory).
+MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "STEM": (
+        "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+        "college_mathematics", "college_physics", "computer_security", "conceptual_physics",
+        "electrical_engineering", "elementary_mathematics", "high_school_biology", "high_school_chemistry",
+        "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+        "high_school_statistics", "machine_learning",
+    ),
+    "humanities": (
+        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
+        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
+        "philosophy", "prehistory", "professional_law", "world_religions",
+    ),
+    "social sciences": (
+        "econometrics", "high_school_geography", "high_school_government_and_politics",
+        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+        "human_sexuality", "professional_psychology", "public_relations", "security_studies", "sociology",
+        "us_foreign_policy",
+    ),
+    "other": (
+        "anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
+        "professional_accounting", "professional_medicine", "virology",
+    ),
+}  # fmt: skip
+MMLU_CATEGORY_OF = {subject: cat for cat, subjects in MMLU_CATEGORIES.items() for subject in subjects}
+
 
 class BenchmarkDataError(ValueError):
     """A benchmark file is missing or malformed; the message names the file and the field."""
@@ -183,7 +211,8 @@ class ItemOutcome:
 
 @dataclass(frozen=True)
 class BenchmarkResult:
-    """``value`` is the micro-average of ``metric``; ``chance`` the same average for uniform guessing."""
+    """``value`` is the micro-average of ``metric``; ``chance`` the same average for uniform guessing;
+    ``categories``: micro-averages per category of subtasks (MMLU's four), empty elsewhere."""
 
     name: str
     metric: str
@@ -193,6 +222,7 @@ class BenchmarkResult:
     macro: float
     subtasks: dict[str, float]
     outcomes: tuple[ItemOutcome, ...]
+    categories: dict[str, float] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -326,16 +356,21 @@ def _load_mmlu(
 
 
 def mmlu_items(
-    data_dir: Path | None, source: Source, subjects: list[str] | None, limit: int | None, seed: int
+    data_dir: Path | None,
+    source: Source,
+    subjects: list[str] | None,
+    limit: int | None,
+    seed: int,
+    shots: int = MMLU_SHOTS,
 ) -> list[MultipleChoiceItem]:
     test, dev_by = _load_mmlu(data_dir, source, subjects)
     items = []
     for i in select_indices(len(test), limit, seed):
         rec = test[i]
-        dev = dev_by.get(rec.subject, [])[:MMLU_SHOTS]
-        if len(dev) < MMLU_SHOTS:
+        dev = dev_by.get(rec.subject, [])[:shots]
+        if len(dev) < shots:
             raise BenchmarkDataError(
-                f"MMLU subject {rec.subject!r}: needs {MMLU_SHOTS} dev exemplars, has {len(dev)}"
+                f"MMLU subject {rec.subject!r}: needs {shots} dev exemplars, has {len(dev)}"
             )
         ctx = mmlu_prompt(rec, dev)
         items.append(
@@ -728,13 +763,19 @@ def score_generation(
     return outcomes
 
 
-def summarize(name: str, metric: str, outcomes: Sequence[ItemOutcome]) -> BenchmarkResult:
-    """Micro-average over items, per-subtask averages and their unweighted mean (macro)."""
+def summarize(
+    name: str, metric: str, outcomes: Sequence[ItemOutcome], category_of: dict[str, str] | None = None
+) -> BenchmarkResult:
+    """Micro-average over items, per-subtask averages and their unweighted mean (macro), and micro-averages
+    per category when ``category_of`` maps subtasks to categories."""
     if not outcomes:
         raise ValueError(f"benchmark {name!r}: no items were evaluated")
     by: dict[str, list[bool]] = {}
+    by_cat: dict[str, list[bool]] = {}
     for o in outcomes:
         by.setdefault(o.subtask, []).append(o.correct)
+        if category_of is not None:
+            by_cat.setdefault(category_of.get(o.subtask, "unknown"), []).append(o.correct)
     subtasks = {k: sum(v) / len(v) for k, v in sorted(by.items())}
     return BenchmarkResult(
         name=name,
@@ -745,6 +786,7 @@ def summarize(name: str, metric: str, outcomes: Sequence[ItemOutcome]) -> Benchm
         macro=sum(subtasks.values()) / len(subtasks),
         subtasks=subtasks,
         outcomes=tuple(outcomes),
+        categories={k: sum(v) / len(v) for k, v in sorted(by_cat.items())},
     )
 
 
@@ -763,9 +805,10 @@ def evaluate_benchmark(
     source: Source = "local",
     length_normalized: bool = False,
     batch_size: int = 32,
+    mmlu_shots: int = MMLU_SHOTS,
 ) -> BenchmarkResult:
     """Evaluate one benchmark; ``name`` is one of ``BENCHMARKS`` or "mmlu:<subject>", "agieval:<task>",
-    "bbh:<task>" (comma-separated subtasks allowed) to restrict it."""
+    "bbh:<task>" (comma-separated subtasks allowed) to restrict it. MMLU reports its categories too."""
     base, _, sub = name.partition(":")
     subtasks = [s for s in sub.split(",") if s] or None
     ddir = Path(data_dir) if data_dir is not None else None
@@ -777,7 +820,9 @@ def evaluate_benchmark(
         raise ValueError(f"benchmark {base!r} has no subtasks (got {name!r})")
     metric = "acc_norm" if length_normalized else "acc"
     if base == "mmlu":
-        mc = mmlu_items(ddir, source, subtasks, limit, seed)
+        mc = mmlu_items(ddir, source, subtasks, limit, seed, mmlu_shots)
+        outcomes = score_multiple_choice(mc, model, length_normalized, batch_size)
+        return summarize(name, metric, outcomes, MMLU_CATEGORY_OF)
     elif base in ("arc_easy", "arc_challenge"):
         mc = arc_items(ddir, source, "easy" if base == "arc_easy" else "challenge", limit, seed)
     elif base == "winogrande":

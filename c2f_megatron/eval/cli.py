@@ -117,23 +117,22 @@ class HeldOut:
 
 
 def load_held_out(cfg: EvalConfig, tokenizer: Any) -> HeldOut:
-    from c2f_megatron.data import load_from_config, prompts_for_rl, strip_stop_ids
+    from c2f_megatron.data import ChatFormat, encode_prompts, load_from_config, prompts_for_rl
     from c2f_megatron.training.tasks.sft import tokenize_pairs
 
     rc = cfg.responses
     data = load_from_config(rc.hh)
     if not data.eval:
         raise ConfigError(f"responses.hh: source {rc.hh.source} gives no held-out pairs (eval_fraction)")
-    texts = prompts_for_rl(data.eval, rc.hh.prompt_format)[: rc.num_prompts]
-    bos = tokenizer.bos_id is not None
+    chat = ChatFormat(rc.hh.prompt_format, tokenizer)
     stops = [tokenizer.eos_id, tokenizer.pad_id]
-    ids = [strip_stop_ids(tokenizer.encode(t, add_bos=bos), stops)[-rc.max_prompt_length :] for t in texts]
-    refs = tokenize_pairs(
-        data.eval[: rc.num_references], tokenizer, rc.max_reference_length - 1, rc.hh.prompt_format
-    )
+    prompts = encode_prompts(chat, prompts_for_rl(data.eval, chat), stops, rc.max_prompt_length, rc.overlong)[
+        : rc.num_prompts
+    ]
+    refs = tokenize_pairs(data.eval[: rc.num_references], chat, rc.max_reference_length - 1)
     return HeldOut(
-        texts,
-        ids,
+        [text for text, _ in prompts],
+        [ids for _, ids in prompts],
         [list(r.ids[: r.prompt_len]) for r in refs],
         [list(r.ids[r.prompt_len :]) for r in refs],
     )
@@ -167,8 +166,9 @@ def _load_baseline_responses(path: Path, held: HeldOut, rm: Path | None) -> dict
 
 def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> float | None:
     """Answers on every rank (the model is sharded), judging on rank 0; the overall 1-10 score."""
-    from c2f_megatron.data.templates import render_prompt
+    from c2f_megatron.data import ChatFormat
     from c2f_megatron.eval import mt_bench as mt
+    from c2f_megatron.eval.protocol import truncate_at_stop
     from c2f_megatron.eval.report import write_atomic
 
     mc = cfg.mt_bench
@@ -176,12 +176,13 @@ def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> fl
     if base_url is None:
         return None
     questions = mt.load_questions(mc.questions)[: mc.limit]
-    fmt = cfg.responses.hh.prompt_format
+    chat = ChatFormat(cfg.responses.hh.prompt_format, model.tokenizer)
 
     def respond(messages: list[dict[str, str]]) -> str:
         turns = [("user" if m["role"] == "user" else "assistant", m["content"]) for m in messages]
-        text = model.generate([render_prompt(turns, fmt)], mc.max_new_tokens, ["\n\nHuman:", "[INST]"])[0]
-        return text.strip()
+        ids = chat.encode_prompt(chat.render(turns))
+        text = model.decode_response(model.generate_ids([ids], mc.max_new_tokens)[0])
+        return truncate_at_stop(text, chat.stop_strings).strip()
 
     answers = mt.generate_answers(questions, respond)
     if not rank_zero:
@@ -217,6 +218,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from c2f_megatron.data import load_tokenizer
     from c2f_megatron.eval import response_metrics as rm_metrics
     from c2f_megatron.eval.benchmarks import evaluate_benchmark
+    from c2f_megatron.eval.hf_model import HFLanguageModel
+    from c2f_megatron.eval.lm import TokenLM
     from c2f_megatron.eval.megatron_model import MegatronLM, RewardScorer
     from c2f_megatron.eval.report import RunMetadata, benchmark_rows, write_atomic, write_report
     from c2f_megatron.platform.distributed import is_rank_zero
@@ -225,15 +228,19 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     rank_zero = is_rank_zero()
     tokenizer = load_tokenizer(cfg.tokenizer)
-    ckpt = prepare_checkpoint(cfg.checkpoint, cfg, "actor")
     rm_ckpt = prepare_checkpoint(cfg.rm, cfg, "reward") if cfg.rm else None
     name = cfg.name or Path(cfg.checkpoint).name
+
+    def load_lm(path: str) -> tuple[TokenLM, Path]:
+        if cfg.backend == "hf":
+            if not is_hf_directory(Path(path)):
+                raise ConfigError(f"backend hf: {path} is not a Hugging Face directory (config.json)")
+            return HFLanguageModel(path, tokenizer, cfg.batch_size), Path(path)
+        ckpt = prepare_checkpoint(path, cfg, "actor")
+        return MegatronLM.from_checkpoint(ckpt, tokenizer, cfg.batch_size, cfg.seed, cfg.layer_spec), ckpt
+
+    policy, ckpt = load_lm(cfg.checkpoint)
     row: dict[str, Any] = {"model": name, "checkpoint": str(ckpt)}
-
-    def load_lm(path: Path) -> MegatronLM:
-        return MegatronLM.from_checkpoint(path, tokenizer, cfg.batch_size, cfg.seed, cfg.layer_spec)
-
-    policy = load_lm(ckpt)
     held = load_held_out(cfg, tokenizer) if cfg.responses.enabled else None
     responses: list[list[int]] = []
     if held is not None:
@@ -252,6 +259,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             source=cfg.benchmarks.source,
             length_normalized=cfg.benchmarks.length_normalized,
             batch_size=cfg.batch_size,
+            mmlu_shots=cfg.benchmarks.mmlu_shots,
         )
         for b in cfg.benchmarks.names
     ]
@@ -267,7 +275,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             baseline_doc = _load_baseline_responses(base_path, held, rm_ckpt)
             baseline_rewards = baseline_doc["rewards"]
         else:
-            baseline = load_lm(prepare_checkpoint(cfg.baseline, cfg, "actor"))
+            baseline, _ = load_lm(cfg.baseline)
             baseline_doc = {"response_ids": _generate(baseline, held, cfg)}
             del baseline
             gc.collect()
@@ -298,6 +306,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         row["perplexity"] = row.pop("perplexity", None)
     for r in bench_results:
         row[r.name] = r.value
+        for category, value in r.categories.items():
+            row[f"{r.name}/{category}"] = value
     if mt_score is not None:
         row["mt_bench"] = mt_score
 

@@ -29,7 +29,8 @@ class ResponseEvalConfig:
     hh: HHDataConfig = field(default_factory=HHDataConfig)
     num_prompts: int = 64
     num_references: int = 64
-    max_prompt_length: int = 256  # tokens; longer prompts keep their end
+    max_prompt_length: int = 256  # tokens; longer prompts keep their end (overlong: truncate) or are left out
+    overlong: Literal["truncate", "drop"] = "truncate"
     max_new_tokens: int = 128
     max_reference_length: int = 256  # [BOS] prompt chosen [EOS], prompt cut from the left
     greedy: bool = True
@@ -55,6 +56,7 @@ class BenchmarkEvalConfig:
     source: Literal["local", "hub"] = "local"
     data_dir: str | None = "../shared/data"
     length_normalized: bool = False
+    mmlu_shots: int = 5  # dev exemplars before each MMLU question (0: zero-shot)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class EvalConfig:
     baseline: str | None = None
     tokenizer: str | None = None  # load_tokenizer spec; None = Mistral v0.1 sentencepiece
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    backend: Literal["megatron", "hf"] = "megatron"  # hf: transformers on a Hugging Face directory
     layer_spec: Literal["sdpa", "local"] = "sdpa"
     batch_size: int = 8
     seed: int = 0

@@ -4,11 +4,12 @@ Both load a checkpoint at whatever TP/PP the process was launched with (distribu
 load) and must be called on every rank of the model-parallel group with the same inputs; results are
 identical on every rank, so rank 0 can write them whatever its pipeline stage.
 
-- Scoring (log-likelihoods, perplexity) is one full forward over right-padded ``[BOS] context continuation``
-  batches: causal attention makes trailing padding invisible to the real tokens, and only the true
-  vocabulary enters the softmax (the TP padding rows of the logits are dropped).
-- Generation is ``rl.rollout.generate`` in fine mode (EOS ends a response), i.e. the same KV-cached sampler
-  the PPO actor uses, so evaluation sees exactly the decoding the policy was trained with.
+- Scoring (log-likelihoods, perplexity) is ``eval.lm.TokenLM``'s: one full forward over right-padded
+  ``[BOS] context continuation`` batches, only the true vocabulary in the softmax (the TP padding rows of
+  the logits are dropped), computed on the last pipeline stage and shared.
+- Generation is ``rl.rollout.generate`` in fine mode (EOS ends a response, and a stop string ends a row),
+  i.e. the same KV-cached sampler the PPO actor uses, so evaluation sees exactly the decoding the policy
+  was trained with.
 - The reward model is read at each sequence's last token, as in reward-model training and PPO.
 """
 
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE, CheckpointError, CheckpointMetadata
 from c2f_megatron.data.tokenizer import Tokenizer
-from c2f_megatron.eval.protocol import truncate_at_stop
+from c2f_megatron.eval.lm import StopStrings, TokenLM, batches, right_pad
 
 
 def resolve_checkpoint(path: str | Path, role: str = "actor") -> Path:
@@ -106,19 +107,7 @@ def _share_from_last_stage(values: Tensor | None, shape: list[int]) -> Tensor:
     return values
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> Tensor:
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-    return tokens
-
-
-def _batches(n: int, size: int) -> list[range]:
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-class MegatronLM:
+class MegatronLM(TokenLM):
     """``protocol.LanguageModel`` over one Megatron GPT chunk (plus id-level calls the HH metrics need)."""
 
     def __init__(self, chunk: torch.nn.Module, tokenizer: Tokenizer, batch_size: int = 8, seed: int = 0):
@@ -138,67 +127,15 @@ class MegatronLM:
         check_tokenizer(tokenizer, meta, ckpt)
         return cls(chunk, tokenizer, batch_size, seed)
 
-    # ------------------------------------------------------------------------------------------ scoring
-
-    def token_logprobs(
-        self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
-    ) -> list[list[float]]:
-        """log p(token | everything before it) for each continuation token; a context too long for the
-        model keeps its end (the continuation itself must fit)."""
+    def _logprobs_at(self, tokens: Tensor, rows: Tensor, positions: Tensor, labels: Tensor) -> Tensor:
         from c2f_megatron.checkpoint.convert import megatron_logits
 
-        if len(contexts) != len(continuations):
-            raise ValueError(f"{len(contexts)} contexts for {len(continuations)} continuations")
-        out: list[list[float]] = []
-        vocab = self.tokenizer.vocab_size
-        for rows in _batches(len(contexts), self.batch_size):
-            seqs, starts, lens = [], [], []
-            for i in rows:
-                ctx, cont = list(contexts[i]), list(continuations[i])
-                if not cont:
-                    raise ValueError(f"request {i}: empty continuation")
-                if len(cont) >= self.max_length:
-                    raise ValueError(
-                        f"request {i}: continuation of {len(cont)} tokens does not fit the model's "
-                        f"{self.max_length} positions"
-                    )
-                ctx = ctx[max(0, len(ctx) + len(cont) - self.max_length) :]
-                if not ctx:
-                    raise ValueError(f"request {i}: no context token to condition on")
-                seqs.append(ctx + cont)
-                starts.append(len(ctx))
-                lens.append(len(cont))
-            tokens = _right_pad(seqs, self.tokenizer.pad_id)
-            width = max(lens)
-            logits = megatron_logits(self.chunk, tokens, vocab)
-            picked = None
-            if logits is not None:
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                picked = torch.zeros((len(seqs), width), dtype=torch.float32, device=logp.device)
-                for j, (s, n) in enumerate(zip(starts, lens)):
-                    labels = tokens[j, s : s + n].to(logp.device)
-                    picked[j, :n] = logp[j, s - 1 : s + n - 1].gather(-1, labels[:, None]).squeeze(-1)
-            picked = _share_from_last_stage(picked, [len(seqs), width]).cpu()
-            out += [picked[j, :n].tolist() for j, n in enumerate(lens)]
-        return out
-
-    def _split_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Ids of ``[BOS] context`` and of the continuation as it tokenizes inside the whole text (tokens
-        after the longest common prefix with the context's own ids are the continuation's)."""
-        bos = self.tokenizer.bos_id is not None
-        ctx = self.tokenizer.encode(context, add_bos=bos)
-        whole = self.tokenizer.encode(context + continuation, add_bos=bos)
-        n = 0
-        while n < min(len(ctx), len(whole) - 1) and ctx[n] == whole[n]:
-            n += 1
-        return whole[:n], whole[n:]
-
-    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
-        pairs = [self._split_request(c, x) for c, x in requests]
-        scores = self.token_logprobs([p[0] for p in pairs], [p[1] for p in pairs])
-        return [float(sum(s)) for s in scores]
-
-    # ---------------------------------------------------------------------------------------- generation
+        logits = megatron_logits(self.chunk, tokens, self.tokenizer.vocab_size)
+        picked = None
+        if logits is not None:  # the last pipeline stage: log-softmax only where a label is read
+            at = logits[rows.to(logits.device), positions.to(logits.device)].float()
+            picked = torch.log_softmax(at, -1).gather(-1, labels.to(logits.device)[:, None]).squeeze(-1)
+        return _share_from_last_stage(picked, [len(labels)]).cpu()
 
     def generate_ids(
         self,
@@ -208,16 +145,19 @@ class MegatronLM:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
+        stop: Sequence[str] = (),
     ) -> list[list[int]]:
-        """Each prompt's response ids, EOS included when the model stopped; prompts keep their last
-        ``max_length - max_new_tokens`` tokens. Batch ``k`` samples with seed ``seed + k``."""
+        """Each prompt's response ids, EOS included when the model stopped (a row that produced a stop
+        string ends there too); prompts keep their last ``max_length - max_new_tokens`` tokens. Batch
+        ``k`` samples with seed ``seed + k``."""
         from c2f_megatron.rl.rollout import fine_generation_config, generate
 
         if max_new_tokens >= self.max_length:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in {self.max_length} positions")
         keep = self.max_length - max_new_tokens
+        stop_when = StopStrings(self.tokenizer, stop) if stop else None
         out: list[list[int]] = []
-        for k, rows in enumerate(_batches(len(prompts), self.batch_size)):
+        for k, rows in enumerate(batches(len(prompts), self.batch_size)):
             gen_cfg = fine_generation_config(
                 self.tokenizer.eos_id,
                 self.tokenizer.pad_id,
@@ -229,22 +169,9 @@ class MegatronLM:
                 seed=self.seed + k,
             )
             batch = [list(prompts[i])[-keep:] for i in rows]
-            result = generate(self.chunk, batch, gen_cfg, self.tokenizer.vocab_size)
+            result = generate(self.chunk, batch, gen_cfg, self.tokenizer.vocab_size, stop_when=stop_when)
             out += result.response_ids()
         return out
-
-    def decode_response(self, ids: Sequence[int]) -> str:
-        ids = list(ids)
-        if ids and ids[-1] == self.tokenizer.eos_id:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids)
-
-    def generate(self, prompts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
-        """Greedy; ``max_new_tokens`` is capped at half the model's positions so a prompt always fits."""
-        bos = self.tokenizer.bos_id is not None
-        ids = [self.tokenizer.encode(p, add_bos=bos) for p in prompts]
-        new = max(1, min(max_new_tokens, self.max_length // 2))
-        return [truncate_at_stop(self.decode_response(r), stop) for r in self.generate_ids(ids, new)]
 
 
 class RewardScorer:
@@ -271,11 +198,11 @@ class RewardScorer:
         from c2f_megatron.checkpoint.convert import megatron_logits
 
         out: list[float] = []
-        for rows in _batches(len(sequences), self.batch_size):
+        for rows in batches(len(sequences), self.batch_size):
             seqs = [list(sequences[i])[-self.max_length :] for i in rows]
             if any(not s for s in seqs):
                 raise ValueError("an empty sequence has no reward")
-            tokens = _right_pad(seqs, self.pad_id)
+            tokens = right_pad(seqs, self.pad_id)
             values = megatron_logits(self.chunk, tokens, 1)  # [b, s, 1] on the last stage
             last = None
             if values is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES
 from c2f_megatron.checkpoint.atomic_dir import commit_output, prepare_output
 from c2f_megatron.merge import MergeError, check_outputs_free, provenance
 from c2f_megatron.merge.engine import ITEMSIZE, BufferMerger
@@ -32,17 +33,6 @@ from c2f_megatron.merge.recipe import MergeRecipe
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PROVENANCE_FILE = "c2f_merge.json"
-# Compared byte for byte across inputs (a different vocabulary or template is a different model) and copied.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "tekken.json",
-)
-COPIED_FILES = ("generation_config.json",)
 # config.json fields that differ between identical architectures (who saved it, and the dtype label).
 CONFIG_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
 
@@ -481,7 +471,7 @@ def _write_side_files(
         total = sum(t.numel * ITEMSIZE[out_dt[n]] for n, t in ref.tensors.items())
         index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    for fname in (*TOKENIZER_FILES, *COPIED_FILES):
+    for fname in (*TOKENIZER_FILES, *HF_SIDE_FILES):
         if (ref.path / fname).is_file():
             shutil.copyfile(ref.path / fname, tmp / fname)
     (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -1,8 +1,15 @@
-"""Typed model configuration, the Mistral presets, and their translation to megatron ``TransformerConfig``.
+"""Typed model configuration, the presets, and their translation to megatron ``TransformerConfig``.
+
+One ``ModelConfig`` describes every decoder of the Llama family that megatron's ``GPTModel`` expresses
+exactly: RMSNorm, SwiGLU, RoPE (plain, or Llama-3.x scaled), grouped-query attention, no biases, tied or
+untied input/output embeddings, an explicit head dimension, and an optional sliding window (Mistral v0.1).
+``family`` says which Hugging Face class the weights come from and go back to (``MistralForCausalLM`` or
+``LlamaForCausalLM``: same tensors, different config files).
 
 ``ModelConfig`` speaks Hugging Face's vocabulary where the two differ (``sliding_window`` is HF's W) so that
-converters and presets can be checked against ``MistralConfig`` field by field; ``to_transformer_config``
-is the one place that translates (HF ``sliding_window=W`` is megatron ``window_size=(W-1, 0)``).
+converters and presets can be checked against the HF configs field by field; ``to_transformer_config`` and
+``gpt_model_kwargs`` are the one place that translates (HF ``sliding_window=W`` is megatron
+``window_size=(W-1, 0)``).
 """
 
 from __future__ import annotations
@@ -15,14 +22,22 @@ import torch
 
 LayerSpecName = Literal["auto", "te", "sdpa", "local"]
 DTypeName = Literal["fp32", "bf16", "fp16"]
+FamilyName = Literal["mistral", "llama"]
+FAMILIES = ("mistral", "llama")
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Mistral-family decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases, untied)."""
+    """Architecture of a Llama-family decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases).
 
+    ``kv_channels``: the head dimension when it is not ``hidden_size / num_attention_heads`` (HF
+    ``head_dim``); ``rope_scaling_factor``: Llama-3.x RoPE scaling (HF ``rope_type: llama3`` with
+    low/high frequency factors 1/4 over 8192 original positions, what megatron implements); null: plain RoPE.
+    """
+
+    family: FamilyName = "mistral"
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -31,6 +46,8 @@ class ModelConfig:
     vocab_size: int = 32000
     max_position_embeddings: int = 512
     rotary_base: float = 10000.0
+    rope_scaling_factor: float | None = None
+    kv_channels: int | None = None
     sliding_window: int | None = None  # HF semantics: a token sees itself and the W-1 before it
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
@@ -43,8 +60,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.hidden_size % self.num_attention_heads:
+        if self.family not in FAMILIES:
+            problems.append(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} not divisible by num_attention_heads")
+        if self.kv_channels is not None and self.kv_channels < 1:
+            problems.append(f"kv_channels must be >= 1 or null, got {self.kv_channels}")
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
+            problems.append(f"rope_scaling_factor must be > 0 or null, got {self.rope_scaling_factor}")
         if self.num_attention_heads % self.num_query_groups:
             problems.append(
                 f"num_attention_heads {self.num_attention_heads} not divisible by num_query_groups "
@@ -52,6 +75,8 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             problems.append(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
+        if self.sliding_window is not None and self.family == "llama":
+            problems.append("sliding_window must be null for family 'llama' (LlamaForCausalLM has none)")
         if self.params_dtype not in DTYPES:
             problems.append(f"params_dtype must be one of {sorted(DTYPES)}, got {self.params_dtype!r}")
         if self.layer_spec not in ("auto", "te", "sdpa", "local"):
@@ -61,7 +86,11 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return not self.untie_embeddings_and_output_weights
 
     @property
     def window_size(self) -> tuple[int, int] | None:
@@ -74,9 +103,13 @@ class ModelConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     def num_parameters(self) -> int:
-        """Parameter count without vocab padding (matches HF ``MistralForCausalLM``)."""
-        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
-        attn = h * h + 2 * h * kv + h * h
+        """Parameter count without vocab padding (matches HF ``MistralForCausalLM``/``LlamaForCausalLM``)."""
+        h, q, kv = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_query_groups * self.head_dim,
+        )
+        attn = h * q + 2 * h * kv + q * h
         mlp = 3 * h * self.ffn_hidden_size
         per_layer = attn + mlp + 2 * h
         emb = self.vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
@@ -153,6 +186,19 @@ def to_transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def gpt_model_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """The ``GPTModel`` arguments that come from the architecture (the rest is layout and spec)."""
+    return dict(
+        max_sequence_length=model.max_position_embeddings,
+        share_embeddings_and_output_weights=model.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=model.rotary_base,
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 8.0,
+    )
+
+
 def _mistral(**kw: Any) -> ModelConfig:
     base = dict(
         hidden_size=4096,
@@ -199,6 +245,47 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=32000,
         max_position_embeddings=1024,
         params_dtype="fp32",
+    ),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): Llama, tied embeddings, 9 heads / 3 KV groups (ships as GGUF).
+    "smollm2-135m": ModelConfig(
+        family="llama",
+        num_layers=30,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_query_groups=3,
+        ffn_hidden_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rotary_base=100000.0,
+        norm_epsilon=1e-5,
+        untie_embeddings_and_output_weights=False,
+        params_dtype="bf16",
+    ),
+    # meta-llama/Meta-Llama-3-8B(-Instruct) and Llama-3.1-8B (RoPE scaled by 8).
+    "llama-3-8b": ModelConfig(
+        family="llama",
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rotary_base=500000.0,
+        params_dtype="bf16",
+    ),
+    "llama-3.1-8b": ModelConfig(
+        family="llama",
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rotary_base=500000.0,
+        rope_scaling_factor=8.0,
+        params_dtype="bf16",
     ),
     "mistral-nano": ModelConfig(
         num_layers=2,

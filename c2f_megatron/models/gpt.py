@@ -10,17 +10,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from c2f_megatron.models.config import ModelConfig, to_transformer_config
+from c2f_megatron.models.config import ModelConfig, gpt_model_kwargs, to_transformer_config
 from c2f_megatron.models.specs import get_layer_spec
 from c2f_megatron.platform.role_layout import RoleLayout, global_layout
 
 
 def build_gpt_model(
-    model_cfg: ModelConfig, vp_stage: int | None = None, layout: RoleLayout | None = None, **config_overrides
+    model_cfg: ModelConfig,
+    vp_stage: int | None = None,
+    layout: RoleLayout | None = None,
+    lm_head: bool = True,
+    **config_overrides,
 ):
     """One GPTModel chunk for this rank (pre/post-process set from the pipeline position).
 
-    ``layout``: the role's own TP/PP groups (default: megatron's global ``parallel_state``).
+    ``layout``: the role's own TP/PP groups (default: megatron's global ``parallel_state``). ``lm_head``
+    False builds the backbone for a scalar head (``models.value_head``): the output layer is never tied to
+    the embedding then, whatever the architecture says, so no embedding group syncs it.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -37,15 +43,11 @@ def build_gpt_model(
         config=config,
         transformer_layer_spec=get_layer_spec(model_cfg.layer_spec),
         vocab_size=model_cfg.padded_vocab_size(tp),
-        max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre,
         post_process=post,
-        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
-        rotary_base=model_cfg.rotary_base,
         vp_stage=vp_stage,
         pg_collection=layout.pg_collection,
+        **(gpt_model_kwargs(model_cfg) | ({} if lm_head else {"share_embeddings_and_output_weights": False})),
     )
     from c2f_megatron.platform.distributed import device
 

@@ -5,7 +5,8 @@ last pipeline stage only, by a ``[hidden] -> 1`` linear layer replicated over te
 the ``GPTModel`` class keeps its pipeline hooks and its sharded state dict: the head's weight is saved
 as ``output_layer.weight`` with shape ``[1, hidden]`` (Hugging Face ``MistralForSequenceClassification``'s
 ``score.weight``), so a value checkpoint loads at any TP/PP like an LM checkpoint. A checkpoint's
-``kind: value`` tells the two apart.
+``kind: value`` tells the two apart. The head is never tied to the embedding: a value model built from a
+tied LM (SmolLM2, Llama-3.2) keeps the LM's embedding as its input layer and gets a fresh head.
 """
 
 from __future__ import annotations
@@ -61,9 +62,7 @@ def build_value_model(
     from c2f_megatron.models.gpt import build_gpt_model
     from c2f_megatron.platform.distributed import device
 
-    model = build_gpt_model(model_cfg, vp_stage=vp_stage, layout=layout, **overrides)
-    if model.share_embeddings_and_output_weights:
-        raise ValueError("a value model needs untie_embeddings_and_output_weights: true (it has no LM head)")
+    model = build_gpt_model(model_cfg, vp_stage=vp_stage, layout=layout, lm_head=False, **overrides)
     if model.post_process:
         model.output_layer = ValueHead(model.config, model_cfg.init_method_std, seed=head_seed).to(device())
     return model

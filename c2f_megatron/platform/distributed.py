@@ -119,7 +119,11 @@ def seed_everything(seed: int) -> None:
 
 
 def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> LaunchEnv:
-    """Initialise torch.distributed and megatron's parallel groups; idempotent within a process."""
+    """Initialise torch.distributed and megatron's parallel groups; idempotent within a process.
+
+    Asked for another TP/PP/VPP layout than the current one, it replaces megatron's groups (models built
+    on the old groups must not be used after that): one launch can check several layouts in turn.
+    """
     from megatron.core import parallel_state
 
     launch = read_launch_env()
@@ -142,11 +146,18 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Lau
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
         atexit.register(destroy_distributed)
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    if parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+    ) != (tp, pp, vpp):
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=vpp,
         )
     seed_everything(parallel.seed)
     return launch

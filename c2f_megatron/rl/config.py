@@ -169,7 +169,8 @@ class SyntheticPrompts:
 class PromptDataConfig:
     """The prompt stream: ``hh`` (HH-RLHF prompts with the coarse-actor system prompt) or ``synthetic``.
 
-    Prompts longer than ``max_prompt_length`` tokens keep their last ``max_prompt_length`` tokens.
+    Prompts longer than ``max_prompt_length`` tokens keep their last ``max_prompt_length`` tokens
+    (``overlong: truncate``) or are left out (``drop``: a chat template's system turn stays intact).
     """
 
     source: Literal["hh", "synthetic"] = "hh"
@@ -177,6 +178,7 @@ class PromptDataConfig:
     tokenizer: str | None = None  # load_tokenizer spec; None = Mistral v0.1 sentencepiece
     system_prompt: str | None = COARSE_ACTOR_SYSTEM_PROMPT
     max_prompt_length: int = 256
+    overlong: Literal["truncate", "drop"] = "truncate"
     synthetic: SyntheticPrompts = field(default_factory=SyntheticPrompts)
 
 

@@ -103,20 +103,18 @@ def load_prompts(cfg: PPOJobConfig, model_vocab: int) -> PromptSource:
             for _ in range(syn.num_prompts)
         ]
         return PromptSource(prompts, eos_id=2, pad_id=0, vocab_size=model_vocab)
-    from c2f_megatron.data import load_from_config, load_tokenizer, prompts_for_rl, strip_stop_ids
+    from c2f_megatron.data import ChatFormat, encode_prompts, load_from_config, load_tokenizer, prompts_for_rl
 
     tokenizer = load_tokenizer(data.tokenizer)
+    chat = ChatFormat(data.hh.prompt_format, tokenizer)
     hh = load_from_config(data.hh)
-    texts = prompts_for_rl(hh.train, data.hh.prompt_format, data.system_prompt)
+    texts = prompts_for_rl(hh.train, chat, data.system_prompt)
     stops = [tokenizer.eos_id, tokenizer.pad_id, *cfg.generation.extra_stop_ids]
-    prompts = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_bos=tokenizer.bos_id is not None)
-        ids = strip_stop_ids(ids, stops)[-data.max_prompt_length :]
-        if ids:
-            prompts.append(ids)
+    prompts = [ids for _, ids in encode_prompts(chat, texts, stops, data.max_prompt_length, data.overlong)]
     if not prompts:
-        raise ValueError(f"data.hh.source {data.hh.source}: no prompts")
+        raise ValueError(
+            f"data.hh.source {data.hh.source}: no prompts (data.max_prompt_length, data.overlong)"
+        )
     if tokenizer.vocab_size > model_vocab:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} ids but the actor's vocab_size is {model_vocab}"

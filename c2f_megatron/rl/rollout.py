@@ -23,6 +23,7 @@ type) are refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -248,6 +249,10 @@ def _sampling_generator(
     return torch.Generator(device=device).manual_seed(seed + dp_rank)
 
 
+# ``stop_when`` sees at most this many of a row's latest response ids (stop strings are a few tokens long).
+STOP_WINDOW = 16
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -255,12 +260,16 @@ def generate(
     gen_cfg: GenerationConfig,
     true_vocab_size: int,
     row_offset: int | None = None,
+    stop_when: Callable[[list[int]], bool] | None = None,
 ) -> RolloutBatch:
     """Sample up to ``gen_cfg.max_new_tokens`` tokens for each prompt with a KV cache; call on every rank
     of the model's TP/PP group with the same prompts. The model's train/eval mode is restored after.
 
     ``row_offset``: the index of ``prompts[0]`` in the whole (all-DP-ranks) batch; given, every row draws
     from its own generator (seeded by ``gen_cfg.seed`` and its index). Without it, one generator per rank.
+    ``stop_when(ids)``: called after each step with an unfinished row's latest response ids (at most
+    ``STOP_WINDOW``); True ends that row there, as a stop id would (evaluation's stop strings). Every rank
+    holds the same tokens, so every rank decides alike.
     """
     from megatron.core import parallel_state as ps
 
@@ -331,6 +340,11 @@ def generate(
             logprobs[:, step] = torch.where(active, next_logprobs, 0.0)
             lengths += active.long()
             done |= active & torch.isin(next_tokens, stop_ids)
+            if stop_when is not None:
+                recent = tokens[:, max(width, end + 1 - STOP_WINDOW) : end + 1].tolist()
+                for i in (~done).nonzero().flatten().tolist():
+                    if stop_when(recent[i]):
+                        done[i] = True
             if step == 0:
                 wrapper.inference_context.enable_decode_mode()
             start, end = end, end + 1

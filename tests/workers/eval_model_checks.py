@@ -4,7 +4,8 @@ Run under torchrun with any TP/PP (``OUT TP PP``): every rank runs the calls, ra
 - teacher-forced log-probs (full forward, right-padded batch) equal the log-probs the KV-cached greedy
   sampler (left-padded batch) recorded for the tokens it generated: two independent code paths;
 - a request scores the same alone and batched with a longer one (padding is invisible);
-- loglikelihood is the sum of the continuation's token log-probs; stop strings cut generated text;
+- loglikelihood is the sum of the continuation's token log-probs; stop strings cut generated text and end
+  the row's decoding there; single-token continuations sharing a context score as if alone;
 - the reward scorer reads each sequence's own last token (alone == batched).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from c2f_megatron.data import load_tokenizer
+from c2f_megatron.eval.lm import split_request
 from c2f_megatron.eval.megatron_model import MegatronLM, RewardScorer
 from c2f_megatron.platform.distributed import ParallelConfig, init_distributed, is_rank_zero
 from c2f_megatron.rl.rollout import fine_generation_config, generate
@@ -37,9 +39,14 @@ def main(out: Path, tp: int, pp: int) -> None:
 
     alone = lm.token_logprobs(prompts[2:], responses[2:])[0]
     ll = lm.loglikelihood([(texts[1], " Hello there"), (texts[0], " Knead the dough.")])
-    ctx, cont = lm._split_request(texts[1], " Hello there")
+    ctx, cont = split_request(tok, texts[1], " Hello there")
     ll_direct = sum(lm.token_logprobs([ctx], [cont])[0])
     text = lm.generate([texts[0]], 10, [tok.decode(responses[0][2:4])])[0]
+    stopped = lm.generate_ids([prompts[0]], 10, stop=[tok.decode(responses[0][2:4])])[0]
+    # single-token continuations of one context share a forward; each still scores as if alone
+    letters = [([*prompts[2]], [responses[2][0]]), ([*prompts[2]], [responses[1][0]])]
+    shared = lm.token_logprobs([c for c, _ in letters], [x for _, x in letters])
+    single = [lm.token_logprobs([c], [x])[0] for c, x in letters]
 
     rm = RewardScorer.from_checkpoint(out / "rm", tok, batch_size=4)
     seqs = [p + r for p, r in zip(prompts, responses)]
@@ -54,6 +61,8 @@ def main(out: Path, tp: int, pp: int) -> None:
     assert all(x < 0 for x in ll), ll
     assert abs(ll[0] - ll_direct) < 1e-4, (ll, ll_direct)
     assert tok.decode(responses[0][2:4]) not in text and len(text) < len(tok.decode(responses[0]))
+    assert stopped == responses[0][: len(stopped)] and 3 <= len(stopped) < len(responses[0]), stopped
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(single), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.tensor(together), torch.tensor(separate), atol=1e-5, rtol=1e-5)
     assert len(set(round(x, 6) for x in together)) == len(together), together
     print("EVAL_MODEL_CHECKS_OK", tp, pp)

@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from c2f_megatron.data import load_hh_rlhf, load_tokenizer
+from c2f_megatron.data import ChatFormat, load_hh_rlhf, load_tokenizer
 from c2f_megatron.platform.distributed import ParallelConfig, init_distributed
 from c2f_megatron.training.tasks.lm import token_loss
 from c2f_megatron.training.tasks.sft import collate_sft, tokenize_pairs
@@ -23,7 +23,7 @@ def main(source: str) -> None:
         if sum(map(len, tok.encode_pair(p.prompt, p.chosen))) + 2 <= SEQ + 1
     ]
     pairs = fits[:4]
-    examples = tokenize_pairs(pairs, tok, SEQ, "hh")
+    examples = tokenize_pairs(pairs, ChatFormat("hh", tok), SEQ)
     batch = collate_sft(examples, SEQ, tok.pad_id, torch.device("cpu"))
     padded_vocab = 32000 + 128  # pretend TP padding: these columns must not matter
     logits = torch.randn(len(examples), SEQ, padded_vocab, generator=torch.Generator().manual_seed(0))

@@ -115,7 +115,7 @@ def build_task(cfg: LMJobConfig, true_vocab_size: int | None = None):
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     docs = read_documents(cfg.data.paths, cfg.data.text_field)
-    token_docs = [tokenizer.encode(d, add_bos=tokenizer.bos_id is not None, add_eos=True) for d in docs]
+    token_docs = [tokenizer.encode(d, add_bos=tokenizer.adds_bos, add_eos=True) for d in docs]
     windows = pack_documents(token_docs, cfg.train.seq_length)
     if not windows:
         raise ValueError(f"data.paths: fewer than seq_length+1={cfg.train.seq_length + 1} tokens in total")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from c2f_megatron.data.chat import ChatFormat
 from c2f_megatron.data.hh_rlhf import HHDataConfig
 from c2f_megatron.training.config import TrainerSections
 
@@ -115,18 +116,18 @@ def collate_pairs(
     return {"tokens": tokens.to(device), "last_index": last.to(device)}
 
 
-def tokenize_pairs(pairs, tokenizer, seq_length: int, prompt_format: str) -> list[PairExample]:
-    """Both sides as ``[BOS] prompt response [EOS]``, at most ``seq_length`` ids, prompt cut from the left."""
-    from c2f_megatron.data.templates import hh_prompt_in_format
+def tokenize_pairs(pairs, chat: ChatFormat, seq_length: int) -> list[PairExample]:
+    """Both sides as ``[BOS] prompt response [EOS]`` in ``chat``'s format, at most ``seq_length`` ids,
+    prompt cut from the left."""
     from c2f_megatron.training.tasks.sft import build_example
 
     out = []
     for pair in pairs:
-        prompt = hh_prompt_in_format(pair.prompt, prompt_format)
+        prompt = chat.from_hh(pair.prompt)
         sides = []
         for response in (pair.chosen, pair.rejected):
-            prompt_ids, response_ids = tokenizer.encode_pair(prompt, response)
-            ex = build_example(prompt_ids, response_ids, tokenizer.bos_id, tokenizer.eos_id, seq_length - 1)
+            prompt_ids, response_ids = chat.encode_pair(prompt, response)
+            ex = build_example(prompt_ids, response_ids, chat.bos_id, chat.tokenizer.eos_id, seq_length - 1)
             sides.append(ex.ids)
         out.append(PairExample(sides[0], sides[1]))
     return out
@@ -163,13 +164,13 @@ def build_task(cfg: RMJobConfig):
     from c2f_megatron.data import load_from_config, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    chat = ChatFormat(cfg.data.hh.prompt_format, tokenizer)
     data = load_from_config(cfg.data.hh)
     seq = cfg.train.seq_length
-    fmt = cfg.data.hh.prompt_format
     return make_task(
         "train-rm",
-        tokenize_pairs(data.train, tokenizer, seq, fmt),
-        tokenize_pairs(data.eval, tokenizer, seq, fmt),
+        tokenize_pairs(data.train, chat, seq),
+        tokenize_pairs(data.eval, chat, seq),
         seq,
         tokenizer.pad_id,
         cfg.reward,

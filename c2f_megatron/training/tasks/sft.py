@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from c2f_megatron.data.chat import ChatFormat
 from c2f_megatron.data.hh_rlhf import HHDataConfig
 from c2f_megatron.training.config import TrainerSections
 
@@ -74,14 +75,12 @@ def collate_sft(
     }
 
 
-def tokenize_pairs(pairs, tokenizer, seq_length: int, prompt_format: str) -> list[SFTExample]:
-    from c2f_megatron.data.templates import hh_prompt_in_format
-
+def tokenize_pairs(pairs, chat: ChatFormat, seq_length: int) -> list[SFTExample]:
+    """Each pair's prompt (in ``chat``'s format) with its chosen response."""
     out = []
     for pair in pairs:
-        prompt = hh_prompt_in_format(pair.prompt, prompt_format)
-        prompt_ids, response_ids = tokenizer.encode_pair(prompt, pair.chosen)
-        out.append(build_example(prompt_ids, response_ids, tokenizer.bos_id, tokenizer.eos_id, seq_length))
+        prompt_ids, response_ids = chat.encode_pair(chat.from_hh(pair.prompt), pair.chosen)
+        out.append(build_example(prompt_ids, response_ids, chat.bos_id, chat.tokenizer.eos_id, seq_length))
     return out
 
 
@@ -92,10 +91,11 @@ def build_task(cfg: SFTJobConfig):
     from c2f_megatron.training.trainer import Task
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    chat = ChatFormat(cfg.data.hh.prompt_format, tokenizer)
     data = load_from_config(cfg.data.hh)
     seq = cfg.train.seq_length
-    train = tokenize_pairs(data.train, tokenizer, seq, cfg.data.hh.prompt_format)
-    evals = tokenize_pairs(data.eval, tokenizer, seq, cfg.data.hh.prompt_format)
+    train = tokenize_pairs(data.train, chat, seq)
+    evals = tokenize_pairs(data.eval, chat, seq)
     return Task(
         name="train-sft",
         kind="gpt",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from c2f_megatron.checkpoint import hf_mistral as hm
+from c2f_megatron.checkpoint import hf_mapping as hm
 from c2f_megatron.models.config import ModelConfig
 
 HEADS, GROUPS, D, HIDDEN = 8, 2, 3, 5
@@ -144,13 +144,17 @@ def test_local_and_te_name_maps():
         for name, hf in zip(names, HF_FOR_LOCAL):
             rule, local = hm.rule_for(name, spec)
             assert hm.hf_names_of(rule, local) == hf, (spec, name)
+    # a tied model's last pipeline stage fills its copy of the embedding from embed_tokens
+    rule, _ = hm.rule_for("output_layer.weight", "local", tied=True)
+    assert rule is hm.TIED_HEAD and hm.hf_names_of(rule, None) == ["model.embed_tokens.weight"]
     with pytest.raises(KeyError, match="input_layernorm"):
         hm.rule_for("decoder.layers.0.input_layernorm.weight", "te")
     with pytest.raises(KeyError, match="value_head"):
         hm.rule_for("value_head.weight", "local")
 
 
-def test_every_hf_tensor_has_exactly_one_rule():
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_every_hf_tensor_has_exactly_one_rule(tied):
     cfg = ModelConfig(
         num_layers=2,
         vocab_size=100,
@@ -158,14 +162,30 @@ def test_every_hf_tensor_has_exactly_one_rule():
         num_attention_heads=2,
         num_query_groups=1,
         ffn_hidden_size=12,
+        untie_embeddings_and_output_weights=not tied,
     )
     covered = []
-    for rule in hm.MODEL_RULES:
-        covered += hm.hf_names_of(rule, None)
+    # the tied head reads the embedding again (a copy on the last stage): count each HF tensor once
+    for rule in hm.model_rules(tied):
+        if rule is not hm.TIED_HEAD:
+            covered += hm.hf_names_of(rule, None)
     for layer in range(cfg.num_layers):
         for rule in hm.layer_rules("local"):
             covered += hm.hf_names_of(rule, layer)
     assert sorted(covered) == sorted(hm.expected_hf_shapes(cfg))
+    assert ("lm_head.weight" in hm.expected_hf_shapes(cfg)) is not tied
+
+
+def test_explicit_head_dim_shapes_and_parameter_count():
+    """head_dim != hidden / heads (as in Qwen3/Gemma-style configs): q/o shapes follow heads * head_dim."""
+    cfg = ModelConfig(
+        num_layers=1, vocab_size=10, hidden_size=8, num_attention_heads=2, num_query_groups=1, kv_channels=6
+    )
+    shapes = hm.expected_hf_shapes(cfg)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (12, 8)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (6, 8)
+    assert shapes["model.layers.0.self_attn.o_proj.weight"] == (8, 12)
+    assert cfg.num_parameters() == sum(torch.Size(s).numel() for s in shapes.values())
 
 
 def _hf_config(**overrides):
@@ -213,12 +233,28 @@ def test_config_translation_both_ways():
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        ({"architectures": ["LlamaForCausalLM"]}, "architectures"),
+        ({"architectures": ["MixtralForCausalLM"]}, "architectures"),
+        ({"architectures": ["LlamaForCausalLM"]}, "model_type"),
         ({"model_type": "mixtral"}, "model_type"),
         ({"attention_bias": True}, "attention_bias"),
-        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
-        ({"head_dim": 32}, "head_dim"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+        ({"head_dim": 0}, "head_dim"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"pretraining_tp": 2}, "pretraining_tp"),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 2.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "rope_scaling",
+        ),
+        ({"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}}, "rope_parameters"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
         ({"torch_dtype": "int8"}, "torch_dtype"),
@@ -226,5 +262,47 @@ def test_config_translation_both_ways():
     ],
 )
 def test_config_refusals_name_the_field(overrides, field):
+    """What megatron's GPTModel cannot express is refused in one line naming the config field."""
     with pytest.raises(hm.ConversionError, match=rf"my/config.json: field '{field}'"):
         hm.model_config_from_hf(_hf_config(**overrides), "my/config.json")
+
+
+def _llama_config(**overrides):
+    cfg = _hf_config(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True)
+    del cfg["sliding_window"]
+    cfg.update(overrides)
+    return cfg
+
+
+def test_llama_family_config_both_ways():
+    """SmolLM2-style Llama: tied embeddings, another rope theta, explicit head_dim; Llama-3.1 rope scaling."""
+    cfg = hm.model_config_from_hf(_llama_config(head_dim=32, rope_theta=1e5), "config.json")
+    assert cfg.family == "llama" and cfg.tied_embeddings and cfg.kv_channels == 32 and cfg.head_dim == 32
+    assert cfg.rotary_base == 1e5 and cfg.sliding_window is None and cfg.rope_scaling_factor is None
+    out = hm.hf_config_from_model(cfg, "bf16", {"bos_id": 1, "eos_id": 2, "pad_id": 2})
+    assert out["architectures"] == ["LlamaForCausalLM"] and out["tie_word_embeddings"] is True
+    assert "sliding_window" not in out and out["pad_token_id"] == 2
+    assert hm.model_config_from_hf(out, "config.json") == cfg
+    # head_dim equal to hidden / heads is not recorded as explicit
+    assert hm.model_config_from_hf(_llama_config(), "c").kv_channels is None
+    scaled = _llama_config(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    )
+    cfg = hm.model_config_from_hf(scaled, "c")
+    assert cfg.rope_scaling_factor == 32.0
+    assert hm.model_config_from_hf(hm.hf_config_from_model(cfg, "bf16"), "c") == cfg
+    # the HF classes' own defaults: Llama ties unless told otherwise, Mistral does not
+    no_tie = _llama_config()
+    del no_tie["tie_word_embeddings"]
+    assert hm.model_config_from_hf(no_tie, "c").tied_embeddings
+    mistral = _hf_config()
+    del mistral["tie_word_embeddings"]
+    assert not hm.model_config_from_hf(mistral, "c").tied_embeddings
+    with pytest.raises(hm.ConversionError, match="field 'sliding_window' is set"):
+        hm.model_config_from_hf(_llama_config(sliding_window=8), "c")

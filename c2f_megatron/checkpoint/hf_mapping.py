@@ -1,5 +1,7 @@
-"""Hugging Face Mistral <-> megatron-core layout: config translation, tensor names and tensor layouts.
+"""Hugging Face Llama-family <-> megatron-core layout: config translation, tensor names and layouts.
 
+``MistralForCausalLM`` and ``LlamaForCausalLM`` (Mistral 7B v0.1-v0.3, Zephyr, Llama 2/3/3.x, SmolLM2, ...)
+share every tensor name and layout; they differ only in their config files (Mistral's sliding window).
 Pure functions only (no I/O, no distributed state) so each layout fact is unit-tested against a slow
 reference. The facts converters get wrong most often, and how megatron lays them out:
 
@@ -9,6 +11,9 @@ reference. The facts converters get wrong most often, and how megatron lays them
   separate offsets) while each TP rank holds ``[gate_r; up_r]``;
 - the vocab is padded to a multiple of ``make_vocab_size_divisible_by * TP`` with zero rows, trimmed again
   on export;
+- tied embeddings (``tie_word_embeddings``): HF has no ``lm_head.weight``; megatron has no output layer
+  on a single stage, and with PP > 1 the last stage holds a copy of the embedding (``output_layer.weight``,
+  filled from ``model.embed_tokens.weight``, never exported);
 - the TE spec fuses the norms into ``linear_qkv.layer_norm_weight`` and ``linear_fc1.layer_norm_weight``;
 - HF ``sliding_window=W`` is megatron ``window_size=(W-1, 0)`` (``ModelConfig.window_size`` does that).
 """
@@ -25,10 +30,16 @@ from torch import Tensor
 from c2f_megatron.checkpoint.megatron_dir import CheckpointError
 from c2f_megatron.models.config import DTYPES, ModelConfig
 
-HF_ARCHITECTURE = "MistralForCausalLM"
-HF_MODEL_TYPE = "mistral"
+# family -> (architecture, model_type) of the HF config
+HF_CLASSES = {"mistral": ("MistralForCausalLM", "mistral"), "llama": ("LlamaForCausalLM", "llama")}
 HF_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 MEGATRON_TO_HF_DTYPE = {v: k for k, v in HF_DTYPE_NAMES.items()}
+# The Llama-3.x RoPE scaling megatron implements (RotaryEmbedding._apply_scaling): only its factor varies.
+LLAMA3_ROPE_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 # How a tensor is split over tensor-parallel ranks (and, for fused ones, how HF tensors combine).
 Kind = Literal["replicated", "column", "row", "qkv", "fc1", "vocab"]
@@ -42,7 +53,8 @@ class ConversionError(CheckpointError):
 
 
 def model_config_from_hf(hf: dict[str, Any], source: str, params_dtype: str | None = None) -> ModelConfig:
-    """``ModelConfig`` of an HF ``config.json`` dict; anything that is not a plain Mistral is refused.
+    """``ModelConfig`` of an HF ``config.json`` dict (Mistral or Llama); what megatron's ``GPTModel`` cannot
+    express exactly (biases, other activations, rope types, ...) is refused naming the field.
 
     ``source`` names the file in errors. ``params_dtype`` (fp32/bf16/fp16) defaults to the HF dtype.
     """
@@ -51,10 +63,12 @@ def model_config_from_hf(hf: dict[str, Any], source: str, params_dtype: str | No
         return ConversionError(f"{source}: field '{field}' {problem}")
 
     archs = hf.get("architectures")
-    if archs != [HF_ARCHITECTURE]:
-        raise fail("architectures", f"is {archs!r}; only [{HF_ARCHITECTURE!r}] is supported")
-    if hf.get("model_type") != HF_MODEL_TYPE:
-        raise fail("model_type", f"is {hf.get('model_type')!r}; only {HF_MODEL_TYPE!r} is supported")
+    families = {arch: (family, model_type) for family, (arch, model_type) in HF_CLASSES.items()}
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in families:
+        raise fail("architectures", f"is {archs!r}; supported: one of {sorted(families)}")
+    family, model_type = families[archs[0]]
+    if hf.get("model_type") != model_type:
+        raise fail("model_type", f"is {hf.get('model_type')!r}; {archs[0]} has {model_type!r}")
     for field in (
         "vocab_size",
         "hidden_size",
@@ -65,29 +79,29 @@ def model_config_from_hf(hf: dict[str, Any], source: str, params_dtype: str | No
         if not isinstance(hf.get(field), int) or hf[field] < 1:
             raise fail(field, f"must be a positive integer, got {hf.get(field)!r}")
     if hf.get("hidden_act", "silu") != "silu":
-        raise fail("hidden_act", f"is {hf['hidden_act']!r}; Mistral uses 'silu'")
-    if hf.get("tie_word_embeddings", False):
-        raise fail("tie_word_embeddings", "is true; Mistral has separate input and output embeddings")
+        raise fail("hidden_act", f"is {hf['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
-            raise fail(field, "is true; Mistral has no biases")
+            raise fail(field, "is true; megatron's Llama layers here have no biases")
+    if hf.get("pretraining_tp", 1) not in (1, None):
+        raise fail("pretraining_tp", f"is {hf['pretraining_tp']!r}; only 1 is supported")
+    tied = hf.get("tie_word_embeddings", family == "llama")  # the HF classes' own defaults
+    if not isinstance(tied, bool):
+        raise fail("tie_word_embeddings", f"must be true or false, got {tied!r}")
     heads = hf["num_attention_heads"]
     groups = hf.get("num_key_value_heads") or heads
-    if heads % groups:
-        raise fail("num_key_value_heads", f"{groups} does not divide num_attention_heads {heads}")
-    if hf["hidden_size"] % heads:
-        raise fail("hidden_size", f"{hf['hidden_size']} is not divisible by num_attention_heads {heads}")
+    if not isinstance(groups, int) or heads % groups:
+        raise fail("num_key_value_heads", f"{groups!r} does not divide num_attention_heads {heads}")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != hf["hidden_size"] // heads:
-        raise fail(
-            "head_dim",
-            f"is {head_dim}; only hidden_size / num_attention_heads = "
-            f"{hf['hidden_size'] // heads} is supported",
-        )
-    rope_theta, rope_type = _rope(hf, fail)
-    if rope_type not in (None, "default"):
-        raise fail("rope_scaling", f"rope type {rope_type!r} is not supported (plain RoPE only)")
-    window = hf.get("sliding_window")
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
+        raise fail("head_dim", f"must be a positive integer or null, got {head_dim!r}")
+    if head_dim is None and hf["hidden_size"] % heads:
+        raise fail("hidden_size", f"{hf['hidden_size']} is not divisible by num_attention_heads {heads}")
+    implied = hf["hidden_size"] // heads if hf["hidden_size"] % heads == 0 else None
+    rope_theta, rope_factor = _rope(hf, fail)
+    window = hf.get("sliding_window") if family == "mistral" else None
+    if family == "llama" and hf.get("sliding_window") is not None:
+        raise fail("sliding_window", "is set; LlamaForCausalLM has no sliding window")
     if hf.get("use_sliding_window") is False:
         window = None
     if window is not None and (not isinstance(window, int) or window < 1):
@@ -100,6 +114,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str, params_dtype: str | No
     if params_dtype not in DTYPES:
         raise ConversionError(f"dtype {params_dtype!r} is not one of {sorted(DTYPES)}")
     return ModelConfig(
+        family=family,  # type: ignore[arg-type]
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
@@ -108,41 +123,68 @@ def model_config_from_hf(hf: dict[str, Any], source: str, params_dtype: str | No
         vocab_size=hf["vocab_size"],
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         rotary_base=float(rope_theta),
+        rope_scaling_factor=rope_factor,
+        kv_channels=None if head_dim in (None, implied) else head_dim,
         sliding_window=window,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
-        untie_embeddings_and_output_weights=True,
+        untie_embeddings_and_output_weights=not tied,
         params_dtype=params_dtype,  # type: ignore[arg-type]
         layer_spec="auto",
     )
 
 
-def _rope(hf: dict[str, Any], fail) -> tuple[float, str | None]:
-    """RoPE base and type from transformers 4 (``rope_theta``/``rope_scaling``) or 5 (``rope_parameters``)."""
+def _rope(hf: dict[str, Any], fail) -> tuple[float, float | None]:
+    """RoPE base and Llama-3 scaling factor (None: plain RoPE) from transformers 4 (``rope_theta`` /
+    ``rope_scaling``) or 5 (``rope_parameters``); other rope types are refused."""
     params = hf.get("rope_parameters")
+    field = "rope_parameters"
     if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"]), params.get("rope_type")
-    scaling = hf.get("rope_scaling")
-    rope_type = None
-    if isinstance(scaling, dict):
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-    elif scaling is not None:
-        raise fail("rope_scaling", f"must be null or an object, got {scaling!r}")
-    theta = hf.get("rope_theta", 10000.0)
-    if not isinstance(theta, (int, float)) or theta <= 0:
+        theta, scaling = params["rope_theta"], params
+    else:
+        theta, scaling, field = hf.get("rope_theta", 10000.0), hf.get("rope_scaling"), "rope_scaling"
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
         raise fail("rope_theta", f"must be a positive number, got {theta!r}")
-    return float(theta), rope_type
+    if scaling is None:
+        return float(theta), None
+    if not isinstance(scaling, dict):
+        raise fail(field, f"must be null or an object, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type in (None, "default"):
+        return float(theta), None
+    if rope_type != "llama3":
+        raise fail(field, f"rope type {rope_type!r} is not supported (plain RoPE or 'llama3' only)")
+    for key, value in LLAMA3_ROPE_FIXED.items():
+        if float(scaling.get(key, -1)) != value:
+            raise fail(
+                field,
+                f"llama3 {key} is {scaling.get(key)!r}; megatron implements only {value:g} "
+                f"({', '.join(f'{k}={v:g}' for k, v in LLAMA3_ROPE_FIXED.items())})",
+            )
+    factor = scaling.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise fail(field, f"llama3 factor must be a positive number, got {factor!r}")
+    return float(theta), float(factor)
 
 
-def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """The ``config.json`` of ``MistralForCausalLM`` for a ``ModelConfig``; transformers 4 and 5 read it."""
-    if not cfg.untie_embeddings_and_output_weights:
-        raise ConversionError(
-            "model field 'untie_embeddings_and_output_weights' is false; HF Mistral is untied"
-        )
-    return {
-        "architectures": [HF_ARCHITECTURE],
-        "model_type": HF_MODEL_TYPE,
+def hf_config_from_model(
+    cfg: ModelConfig, dtype: str, tokenizer: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The HF ``config.json`` of ``cfg`` (``MistralForCausalLM`` or ``LlamaForCausalLM``); transformers 4
+    and 5 read it. Token ids come from the checkpoint's recorded ``tokenizer`` info when there is one."""
+    arch, model_type = HF_CLASSES[cfg.family]
+    tok = tokenizer or {}
+    rope: dict[str, Any] = {"rope_theta": cfg.rotary_base, "rope_type": "default"}
+    if cfg.rope_scaling_factor is not None:
+        rope = {
+            "rope_theta": cfg.rotary_base,
+            "rope_type": "llama3",
+            "factor": cfg.rope_scaling_factor,
+            **LLAMA3_ROPE_FIXED,
+        }
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
@@ -155,16 +197,24 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
         "initializer_range": cfg.init_method_std,
         "rms_norm_eps": cfg.norm_epsilon,
         "rope_theta": cfg.rotary_base,
-        "rope_parameters": {"rope_theta": cfg.rotary_base, "rope_type": "default"},
-        "sliding_window": cfg.sliding_window,
+        "rope_parameters": rope,
         "attention_dropout": cfg.attention_dropout,
-        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tied_embeddings,
         "use_cache": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": tok.get("bos_id", 1),
+        "eos_token_id": tok.get("eos_id", 2),
         "torch_dtype": MEGATRON_TO_HF_DTYPE[dtype],
         "dtype": MEGATRON_TO_HF_DTYPE[dtype],
     }
+    if cfg.rope_scaling_factor is not None:
+        out["rope_scaling"] = rope
+    if "pad_id" in tok:
+        out["pad_token_id"] = tok["pad_id"]
+    if cfg.family == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -201,11 +251,17 @@ def layer_rules(layer_spec: str) -> list[TensorRule]:
     ]
 
 
-MODEL_RULES = [
-    TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-    TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
-    TensorRule("output_layer.weight", ("lm_head.weight",), "vocab"),
-]
+EMBEDDING = TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")
+FINAL_NORM = TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated")
+LM_HEAD = TensorRule("output_layer.weight", ("lm_head.weight",), "vocab")
+# A tied model's last pipeline stage holds a copy of the embedding as its output layer.
+TIED_HEAD = TensorRule("output_layer.weight", ("model.embed_tokens.weight",), "vocab")
+
+
+def model_rules(tied: bool) -> list[TensorRule]:
+    """The rules of the parameters outside the layers."""
+    return [EMBEDDING, FINAL_NORM, TIED_HEAD if tied else LM_HEAD]
+
 
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -214,7 +270,7 @@ def hf_layer_name(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{name}"
 
 
-def rule_for(megatron_name: str, layer_spec: str) -> tuple[TensorRule, int | None]:
+def rule_for(megatron_name: str, layer_spec: str, tied: bool = False) -> tuple[TensorRule, int | None]:
     """The rule of a megatron parameter name and its *local* layer index (None outside the layers).
 
     Raises ``KeyError`` naming the parameter when it has no HF counterpart.
@@ -226,11 +282,11 @@ def rule_for(megatron_name: str, layer_spec: str) -> tuple[TensorRule, int | Non
             if rule.megatron == suffix:
                 return rule, local
     else:
-        for rule in MODEL_RULES:
+        for rule in model_rules(tied):
             if rule.megatron == megatron_name:
                 return rule, None
     raise KeyError(
-        f"megatron parameter {megatron_name!r} has no Hugging Face Mistral counterpart ({layer_spec} spec)"
+        f"megatron parameter {megatron_name!r} has no Hugging Face Llama-family counterpart ({layer_spec} spec)"
     )
 
 
@@ -239,7 +295,7 @@ def hf_names_of(rule: TensorRule, layer: int | None) -> list[str]:
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of ``MistralForCausalLM`` with its shape, in HF's own order."""
+    """Every tensor of the HF model with its shape, in HF's own order (no ``lm_head`` when tied)."""
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
@@ -257,7 +313,8 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         ):
             shapes[hf_layer_name(i, name)] = shape
     shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    if not cfg.tied_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
 
 
