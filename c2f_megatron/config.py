@@ -81,6 +81,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `merge.gammas=0.7` on the command line reads as a YAML number
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -128,11 +130,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``update``, nested mappings merged key by key (neither is modified)."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -156,7 +159,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: top level must be a mapping")
         data = loaded
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = deep_merge(data, parse_overrides(overrides))
         source += " + overrides"
     return from_dict(cls, data, where=source)
 

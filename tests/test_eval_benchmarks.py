@@ -114,6 +114,10 @@ def test_mmlu_categories_cover_every_subject_once_and_zero_shot(shared_data: Pat
         "The following are multiple choice questions (with answers) about college biology.\n\n"
     )
     assert item.contexts[0].count("\nAnswer:") == 1
+    cloze = mmlu_items(shared_data, "local", ["college_biology"], 1, 0, shots=1, cloze=True)[0]
+    rec = next(r for s, r in _mmlu_raw(shared_data) if s == "college_biology" and r[0] in cloze.contexts[0])
+    assert cloze.continuations == tuple(f" {c}" for c in rec[1:5]) and cloze.gold == int(rec[5])
+    assert cloze.contexts[0].endswith(f"Question: {rec[0]}\nAnswer:") and "\nA. " not in cloze.contexts[0]
 
 
 # ----------------------------------------------------------------------------------------------- ARC

@@ -16,6 +16,8 @@ from tests.launch import REPO_ROOT, worker_env
 
 NANO = REPO_ROOT / "examples" / "pipeline_nano.yaml"
 MINI = REPO_ROOT / "examples" / "pipeline_mini.yaml"
+SMOLLM2 = REPO_ROOT / "examples" / "pipeline_smollm2.yaml"
+SMOLLM2_ABLATION = REPO_ROOT / "examples" / "pipeline_smollm2_ablation.yaml"
 
 
 def _hh(shared_data: Path) -> list[str]:
@@ -33,7 +35,7 @@ class FakeRunner:
 
     def __call__(self, args: list[str], nproc: int, log: Path) -> None:
         command = args[0]
-        job = yaml.safe_load(Path(args[1]).read_text()) if command not in ("merge",) else {}
+        job = yaml.safe_load(Path(args[1]).read_text()) if command not in ("merge", "convert") else {}
         self.calls.append((command, job))
         if command == self.fail_on:
             raise StageFailed(f"{command} failed (injected)")
@@ -46,16 +48,32 @@ class FakeRunner:
             (step / "trainer_state.json").write_text(json.dumps({"models": models}))
             if command == "coarse-actor":
                 lines = [
-                    {"step": i, "train/reward_mean": 0.1 * i, "train/rollout_length_limit": 8 * i}
+                    {
+                        "step": i,
+                        "train/reward_mean": 0.1 * i,
+                        "train/rollout_length_limit": 8 * i,
+                        "train/length_limit": 8 * i,
+                    }
                     for i in (1, 2)
                 ]
                 (Path(job["logging"]["run_dir"]) / "metrics.jsonl").write_text(
                     "\n".join(json.dumps(x) for x in lines) + "\n"
                 )
+        elif command == "convert":
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True)
+            if args[1] == "hf-to-megatron":
+                (out / "c2f_checkpoint.json").write_text("{}")
+                (out / "tokenizer").mkdir()
+                (out / "tokenizer" / "tokenizer.json").write_text("{}")
+            else:
+                (out / "config.json").write_text("{}")
         elif command == "merge":
             out = Path(args[args.index("--out") + 1])
-            for g in args[args.index("--gamma") + 1].split(","):
-                (out / f"gamma_{float(g):.2f}").mkdir(parents=True)
+            gammas = args[args.index("--gamma") + 1].split(",")
+            out.mkdir(parents=True)  # like c2f merge: OUT itself for one gamma, OUT/gamma_G for a sweep
+            for g in gammas if len(gammas) > 1 else []:
+                (out / f"gamma_{float(g):.2f}").mkdir()
         elif command == "eval":
             out = Path(job["out_dir"])
             out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +83,8 @@ class FakeRunner:
                 "length_mean": float(len(self.calls)),
             }
             (out / "eval.json").write_text(json.dumps({"rows": [row]}))
+            rewards = [float(len(job["name"]) + i) for i in range(3)]  # longer names score higher
+            (out / "responses.json").write_text(json.dumps({"prompts": ["p"] * 3, "rewards": rewards}))
 
 
 def _config(tmp_path: Path, shared_data: Path, extra: list[str] = ()) -> PipelineConfig:
@@ -118,12 +138,73 @@ def test_resume_skips_finished_stages_and_chains_outputs(tmp_path, shared_data):
         ("gamma_0.70", 0.7),
         ("coarse", None),
     ]
-    assert (report / "ppo_reward_length.png").stat().st_size > 1000
+    assert (report / "ppo_curves.png").stat().st_size > 1000
     assert (report / "metrics_vs_gamma.png").stat().st_size > 1000
 
     third = Pipeline(cfg, runner=FakeRunner(fail_on="train-lm"))
     third.run()  # everything done: nothing runs, the report is rewritten
     assert third.ran == []
+
+
+def test_instruct_partner_variants_pairs_and_reuse(tmp_path, shared_data):
+    """The SmolLM2 layout: a packaged GGUF base converted (GGUF -> HF -> Megatron), no SFT (the instruct
+    model is the partner and the RM's init), Plus as a merged variant, pairwise win rates; then an ablation
+    run that reuses the finished stages and takes its fixed length from the CM run."""
+    cfg = load_config(
+        PipelineConfig,
+        SMOLLM2,
+        [f"run_dir={tmp_path / 'main'}", "merge.gammas=0.5,0.7", *_hh(shared_data)],
+    )
+    Pipeline(cfg).validate()
+    runner = FakeRunner()
+    main = Pipeline(cfg, runner=runner)
+    report = main.run()
+    run = tmp_path / "main"
+    commands = [(c, j.get("name")) for c, j in runner.calls]
+    assert [c for c, _ in commands[:2]] == ["convert", "convert"] and "train-sft" not in dict(commands)
+    converted = run / "base" / "converted"
+    jobs = [j for c, j in runner.calls if c in ("train-rm", "coarse-actor")]
+    assert all(j["data"]["tokenizer"] == str(converted / "tokenizer") for j in jobs)
+    rm_job, coarse_job, plus_job = jobs
+    assert rm_job["checkpoint"]["init_from"] == str(converted)
+    assert coarse_job["actor"]["init_from"] == plus_job["actor"]["init_from"] == str(converted)
+    assert (
+        coarse_job["generation"]["suppress_eos"] is True and plus_job["generation"]["suppress_eos"] is False
+    )
+    assert plus_job["length"]["kind"] == "fixed" and plus_job["data"]["system_prompt"] is None
+    table = json.loads((report / "table.json").read_text())["rows"]
+    assert [r["model"] for r in table] == [
+        "instruct", "gamma_0.50", "gamma_0.70", "coarse", "plus", "plus_gamma_0.70",
+    ]  # fmt: skip
+    evals = {j["name"]: j for c, j in runner.calls if c == "eval"}
+    assert evals["plus_gamma_0.70"]["checkpoint"] == str(run / "merge_plus" / "sweep")
+    assert evals["instruct"]["baseline"] is None and evals["coarse"]["baseline"] == str(run / "eval/instruct")
+    pairs = json.loads((report / "pairwise.json").read_text())["rows"]
+    assert [(x["a"], x["b"], x["win_rate_a_over_b"]) for x in pairs] == [
+        ("gamma_0.70", "plus_gamma_0.70", 0.0),
+        ("plus_gamma_0.70", "plus", 1.0),
+    ]
+    assert (report / "summary.md").read_text().count("![") >= 3
+    assert (report / "pairwise_win_rates.png").stat().st_size > 1000
+
+    ablation = load_config(
+        PipelineConfig,
+        SMOLLM2_ABLATION,
+        [f"run_dir={tmp_path / 'ablation'}", f"reuse={run}", "merge.gammas=0.7", *_hh(shared_data)],
+    )
+    runner = FakeRunner()
+    second = Pipeline(ablation, runner=runner)
+    report = second.run()
+    assert {"base", "rm", "coarse", "merge", "eval/instruct", "eval/coarse"} <= set(second.skipped)
+    ppo = [j for c, j in runner.calls if c == "coarse-actor"]
+    assert [j["logging"]["run_dir"] for j in ppo] == [
+        str(tmp_path / "ablation" / n) for n in ("fixed", "step")
+    ]
+    assert ppo[0]["length"] == {"kind": "fixed", "fixed_length": 16}  # the CM run's last limit
+    assert ppo[0]["reward"]["path"] == str(run / "rm" / "checkpoints" / "step_0000002")
+    assert ppo[1]["length"]["kind"] == "step"
+    table = json.loads((report / "table.json").read_text())["rows"]
+    assert [r["model"] for r in table][:3] == ["instruct", "gamma_0.70", "coarse"]
 
 
 def test_config_errors_name_the_field(tmp_path, shared_data, capsys):
@@ -135,7 +216,7 @@ def test_config_errors_name_the_field(tmp_path, shared_data, capsys):
     assert not (tmp_path / "base").exists()
 
 
-@pytest.mark.parametrize("path", [NANO, MINI])
+@pytest.mark.parametrize("path", [NANO, MINI, SMOLLM2, SMOLLM2_ABLATION])
 def test_shipped_configs_validate(path, tmp_path):
     Pipeline(load_config(PipelineConfig, path, [f"run_dir={tmp_path}"])).validate()
 
@@ -198,5 +279,5 @@ def test_nano_smoke_end_to_end_with_crash_and_resume(tmp_path, shared_data):
     for r in table:
         assert r["n_prompts"] == 4 and 1 <= r["length_mean"] <= 12 and r["perplexity"] > 1
         assert (r["win_rate"] is None) == (r["model"] == "sft")
-    assert (run / "report" / "ppo_reward_length.png").stat().st_size > 1000
+    assert (run / "report" / "ppo_curves.png").stat().st_size > 1000
     assert (run / "report" / "metrics_vs_gamma.png").stat().st_size > 1000

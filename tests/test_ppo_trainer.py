@@ -103,6 +103,23 @@ def test_programmatic_reward_rises(tmp_path: Path) -> None:
     assert all(r["train/rollout_logprob_diff"] < 1e-4 for r in rows)
 
 
+def test_plain_ppo_lets_eos_end_responses(tmp_path: Path) -> None:
+    """``generation.suppress_eos: false`` (ordinary PPO, the paper's Plus baseline): a sampled EOS ends a
+    response and is part of it; rewarded for EOS, the policy learns to stop earlier."""
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "ppo.yaml", run_dir, TINY)
+    overrides = ["ppo.iterations=10", "generation.suppress_eos=false", "reward.target_token=2"]
+    run_python("ppo_cli.py", [str(cfg), *overrides], timeout=400)
+    rows = read_metrics(run_dir)
+    lengths = [r["train/response_length_mean"] for r in rows]
+    stopped = [1.0 - r["train/hit_limit_frac"] for r in rows]
+    assert min(lengths) < 12.0 and max(stopped) > 0.0, (lengths, stopped)
+    assert sum(lengths[-2:]) / 2 < sum(lengths[:2]) / 2 - 1.0, lengths  # learns to stop earlier
+    assert sum(stopped[-2:]) > sum(stopped[:2]), stopped
+    # the trainer's log-probs (nothing suppressed) reproduce the sampler's, EOS tokens included
+    assert all(r["train/rollout_logprob_diff"] < 1e-4 for r in rows)
+
+
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("init")

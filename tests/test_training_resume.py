@@ -60,3 +60,19 @@ def test_resume_matches_uninterrupted(tmp_path: Path, tp: int) -> None:
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
     assert reference[6] < reference[1]  # it trained
     assert not (tmp_path / "part" / "ckpt" / "step_0000004.partial").exists()  # stale partial pruned
+
+
+def test_bf16_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    """bf16 parameters (fp32 main copies in megatron's mixed-precision optimizer): every parameter, the
+    norms included, is bf16, so the optimizer's sharded state covers them all and a resumed run continues
+    the uninterrupted one (a norm left in fp32 once made the first save fail)."""
+    bf16 = {"model__overrides__params_dtype": "bf16"}
+    cfg, full = lm_config(tmp_path, "full", **bf16)
+    launch(1, cfg, full)
+    _, part = lm_config(tmp_path, "part", **bf16)
+    launch(1, cfg, [*part, "train.exit_after_steps=3"])
+    assert "resumed from" in launch(1, cfg, part)
+    reference, resumed = train_losses(tmp_path / "full" / "run"), train_losses(tmp_path / "part" / "run")
+    assert sorted(reference) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step

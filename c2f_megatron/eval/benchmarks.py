@@ -314,16 +314,26 @@ def read_mmlu_csv(path: Path, subject: str) -> list[MMLURecord]:
     return out
 
 
-def mmlu_format_example(rec: MMLURecord, with_answer: bool) -> str:
-    """Hendrycks et al.'s format: question, "A. .." lines, "Answer:" (+ " X\\n\\n" for exemplars)."""
+def mmlu_format_example(rec: MMLURecord, with_answer: bool, cloze: bool = False) -> str:
+    """Hendrycks et al.'s format: question, "A. .." lines, "Answer:" (+ " X\\n\\n" for exemplars). Cloze
+    (lighteval's "MMLU (cloze)"): "Question: ..." and "Answer:" without the lettered options (+ the answer
+    text for exemplars)."""
+    if cloze:
+        return f"Question: {rec.question}\nAnswer:" + (
+            f" {rec.choices[rec.answer]}\n\n" if with_answer else ""
+        )
     text = rec.question + "".join(f"\n{LETTERS[k]}. {c}" for k, c in enumerate(rec.choices)) + "\nAnswer:"
     return text + (f" {LETTERS[rec.answer]}\n\n" if with_answer else "")
 
 
-def mmlu_prompt(rec: MMLURecord, dev: Sequence[MMLURecord]) -> str:
+def mmlu_prompt(rec: MMLURecord, dev: Sequence[MMLURecord], cloze: bool = False) -> str:
     subject = rec.subject.replace("_", " ")
-    head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    return head + "".join(mmlu_format_example(d, True) for d in dev) + mmlu_format_example(rec, False)
+    head = f"The following are {'questions' if cloze else 'multiple choice questions'} (with answers) about {subject}.\n\n"
+    return (
+        head
+        + "".join(mmlu_format_example(d, True, cloze) for d in dev)
+        + mmlu_format_example(rec, False, cloze)
+    )
 
 
 def _load_mmlu(
@@ -362,7 +372,10 @@ def mmlu_items(
     limit: int | None,
     seed: int,
     shots: int = MMLU_SHOTS,
+    cloze: bool = False,
 ) -> list[MultipleChoiceItem]:
+    """``cloze``: each choice's text is scored after "Answer:" (small models score near chance on the
+    letters); else the letters " A".." D" after the lettered options (one forward for the four)."""
     test, dev_by = _load_mmlu(data_dir, source, subjects)
     items = []
     for i in select_indices(len(test), limit, seed):
@@ -372,11 +385,10 @@ def mmlu_items(
             raise BenchmarkDataError(
                 f"MMLU subject {rec.subject!r}: needs {shots} dev exemplars, has {len(dev)}"
             )
-        ctx = mmlu_prompt(rec, dev)
+        ctx = mmlu_prompt(rec, dev, cloze)
+        conts = tuple(f" {c}" for c in rec.choices) if cloze else tuple(f" {c}" for c in "ABCD")
         items.append(
-            MultipleChoiceItem(
-                f"mmlu/{rec.subject}/{i}", rec.subject, (ctx,) * 4, tuple(f" {c}" for c in "ABCD"), rec.answer
-            )
+            MultipleChoiceItem(f"mmlu/{rec.subject}/{i}", rec.subject, (ctx,) * 4, conts, rec.answer)
         )
     return items
 
@@ -806,9 +818,12 @@ def evaluate_benchmark(
     length_normalized: bool = False,
     batch_size: int = 32,
     mmlu_shots: int = MMLU_SHOTS,
+    mmlu_cloze: bool = False,
+    max_new_tokens: int | None = None,
 ) -> BenchmarkResult:
     """Evaluate one benchmark; ``name`` is one of ``BENCHMARKS`` or "mmlu:<subject>", "agieval:<task>",
-    "bbh:<task>" (comma-separated subtasks allowed) to restrict it. MMLU reports its categories too."""
+    "bbh:<task>" (comma-separated subtasks allowed) to restrict it. MMLU reports its categories too.
+    ``max_new_tokens`` caps BBH's and GSM8K's generations below their standard 512 / 256 (a budget)."""
     base, _, sub = name.partition(":")
     subtasks = [s for s in sub.split(",") if s] or None
     ddir = Path(data_dir) if data_dir is not None else None
@@ -820,7 +835,7 @@ def evaluate_benchmark(
         raise ValueError(f"benchmark {base!r} has no subtasks (got {name!r})")
     metric = "acc_norm" if length_normalized else "acc"
     if base == "mmlu":
-        mc = mmlu_items(ddir, source, subtasks, limit, seed, mmlu_shots)
+        mc = mmlu_items(ddir, source, subtasks, limit, seed, mmlu_shots, mmlu_cloze)
         outcomes = score_multiple_choice(mc, model, length_normalized, batch_size)
         return summarize(name, metric, outcomes, MMLU_CATEGORY_OF)
     elif base in ("arc_easy", "arc_challenge"):
@@ -831,14 +846,12 @@ def evaluate_benchmark(
         mc = agieval_items(ddir, source, subtasks or list(AGIEVAL_DEFAULT), limit, seed)
     elif base == "bbh":
         items = bbh_items(ddir, source, subtasks or bbh_tasks(ddir), limit, seed)
-        return summarize(
-            name, "exact_match", score_generation(items, model, BBH_MAX_NEW_TOKENS, BBH_STOP, batch_size)
-        )
+        new = min(BBH_MAX_NEW_TOKENS, max_new_tokens or BBH_MAX_NEW_TOKENS)
+        return summarize(name, "exact_match", score_generation(items, model, new, BBH_STOP, batch_size))
     else:
         items = gsm8k_items(ddir, source, limit, seed)
-        return summarize(
-            name, "exact_match", score_generation(items, model, GSM8K_MAX_NEW_TOKENS, GSM8K_STOP, batch_size)
-        )
+        new = min(GSM8K_MAX_NEW_TOKENS, max_new_tokens or GSM8K_MAX_NEW_TOKENS)
+        return summarize(name, "exact_match", score_generation(items, model, new, GSM8K_STOP, batch_size))
     return summarize(name, metric, score_multiple_choice(mc, model, length_normalized, batch_size))
 
 

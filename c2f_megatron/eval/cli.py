@@ -12,9 +12,11 @@ every rank runs the models, rank 0 writes. Exit codes: 0 done, 2 bad config or i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,29 @@ def load_held_out(cfg: EvalConfig, tokenizer: Any) -> HeldOut:
 # ------------------------------------------------------------------------------------------ running
 
 
+class PhaseTimer:
+    """Wall seconds of each evaluation phase (``timings.json``), each logged as it ends."""
+
+    def __init__(self, log: bool):
+        self.log = log
+        self.seconds: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def start(self, name: str) -> None:
+        self._started[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self._started.pop(name), 2)
+        if self.log:
+            print(f"c2f eval: {name} took {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.start(name)
+        yield
+        self.stop(name)
+
+
 def _generate(model: Any, held: HeldOut, cfg: EvalConfig) -> list[list[int]]:
     rc = cfg.responses
     return model.generate_ids(
@@ -239,31 +264,40 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         ckpt = prepare_checkpoint(path, cfg, "actor")
         return MegatronLM.from_checkpoint(ckpt, tokenizer, cfg.batch_size, cfg.seed, cfg.layer_spec), ckpt
 
-    policy, ckpt = load_lm(cfg.checkpoint)
+    timed = PhaseTimer(rank_zero)
+    with timed("load"):
+        policy, ckpt = load_lm(cfg.checkpoint)
     row: dict[str, Any] = {"model": name, "checkpoint": str(ckpt)}
     held = load_held_out(cfg, tokenizer) if cfg.responses.enabled else None
     responses: list[list[int]] = []
     if held is not None:
-        responses = _generate(policy, held, cfg)
+        with timed("responses"):
+            responses = _generate(policy, held, cfg)
         if held.ref_continuations:
-            row["perplexity"] = rm_metrics.perplexity(
-                policy.token_logprobs(held.ref_contexts, held.ref_continuations)
+            with timed("perplexity"):
+                row["perplexity"] = rm_metrics.perplexity(
+                    policy.token_logprobs(held.ref_contexts, held.ref_continuations)
+                )
+    bench_results = []
+    for b in cfg.benchmarks.names:
+        with timed(b):
+            bench_results.append(
+                evaluate_benchmark(
+                    b,
+                    policy,
+                    cfg.benchmarks.limits.get(b, cfg.benchmarks.limit),
+                    cfg.seed,
+                    data_dir=cfg.benchmarks.data_dir,
+                    source=cfg.benchmarks.source,
+                    length_normalized=cfg.benchmarks.length_normalized,
+                    batch_size=cfg.batch_size,
+                    mmlu_shots=cfg.benchmarks.mmlu_shots,
+                    mmlu_cloze=cfg.benchmarks.mmlu_cloze,
+                    max_new_tokens=cfg.benchmarks.max_new_tokens,
+                )
             )
-    bench_results = [
-        evaluate_benchmark(
-            b,
-            policy,
-            cfg.benchmarks.limit,
-            cfg.seed,
-            data_dir=cfg.benchmarks.data_dir,
-            source=cfg.benchmarks.source,
-            length_normalized=cfg.benchmarks.length_normalized,
-            batch_size=cfg.batch_size,
-            mmlu_shots=cfg.benchmarks.mmlu_shots,
-        )
-        for b in cfg.benchmarks.names
-    ]
-    mt_score = _mt_bench(policy, cfg, out_dir, rank_zero)
+    with timed("mt_bench"):
+        mt_score = _mt_bench(policy, cfg, out_dir, rank_zero)
     del policy
     gc.collect()
 
@@ -280,6 +314,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             del baseline
             gc.collect()
     if held is not None and rm_ckpt is not None:
+        timed.start("rewards")
         scorer = RewardScorer.from_checkpoint(rm_ckpt, tokenizer, cfg.batch_size, cfg.layer_spec)
         rewards = scorer.score([p + r for p, r in zip(held.prompt_ids, responses)])
         if baseline_doc is not None and baseline_rewards is None:
@@ -288,6 +323,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             )
         del scorer
         gc.collect()
+        timed.stop("rewards")
 
     if held is not None:
         m = rm_metrics.response_metrics(responses, tokenizer.eos_id, rewards, cfg.responses.redundancy_n)
@@ -326,6 +362,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         meta = RunMetadata(model=name, checkpoint=str(ckpt), seed=cfg.seed, config=to_dict(cfg))
         if bench_results:
             write_report(out_dir, "benchmarks", benchmark_rows(bench_results), meta)
+        write_atomic(out_dir / "timings.json", json.dumps(timed.seconds, indent=2) + "\n")
         write_report(out_dir, cfg.report_name, [row], meta)
         print(json.dumps(row, default=str))
     return row

@@ -53,10 +53,13 @@ class BenchmarkEvalConfig:
 
     names: list[str] = field(default_factory=list)
     limit: int | None = 100  # items per benchmark, drawn with ``seed``; null: all
+    limits: dict[str, int] = field(default_factory=dict)  # per-benchmark overrides of ``limit``
     source: Literal["local", "hub"] = "local"
     data_dir: str | None = "../shared/data"
     length_normalized: bool = False
     mmlu_shots: int = 5  # dev exemplars before each MMLU question (0: zero-shot)
+    mmlu_cloze: bool = False  # score each answer's text (lighteval's "MMLU (cloze)"), not the letter
+    max_new_tokens: int | None = None  # cap on BBH/GSM8K generations (null: their standard 512/256)
 
 
 @dataclass

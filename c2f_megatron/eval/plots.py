@@ -1,8 +1,9 @@
-"""PNG plots of a pipeline run: the coarse actor's PPO curves and each evaluation metric against gamma.
+"""PNG plots of a pipeline run: PPO curves, each evaluation metric against gamma, grouped bars.
 
 The paper's argument is visual: reward climbs while Continuous Maximization raises the length limit, and
-the merged models trace a path between the SFT model (gamma 0) and the coarse actor (gamma 1). matplotlib
-is imported lazily with the Agg backend (no display); files are written to a temp path and renamed.
+the merged models trace a path between the partner (gamma 0) and the coarse actor (gamma 1); its Figure 2
+is MMLU by category and its Figure 3 pairwise win rates. matplotlib is imported lazily with the Agg
+backend (no display); files are written to a temp path and renamed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from typing import Any
 # The table's metric columns worth a panel, with their axis labels.
 GAMMA_METRICS: dict[str, str] = {
     "reward_mean": "RM reward (mean)",
-    "win_rate": "win rate vs SFT (RM)",
+    "win_rate": "win rate vs the partner (RM)",
     "length_mean": "response length (tokens)",
     "eos_fraction": "fraction ended with EOS",
     "redundancy": "redundancy (repeated 3-grams)",
     "distinct_2": "distinct-2",
     "perplexity": "perplexity of held-out chosen",
+    "arc_easy": "ARC-Easy (acc)",
+    "arc_challenge": "ARC-Challenge (acc)",
+    "winogrande": "WinoGrande (acc)",
+    "mmlu": "MMLU (acc)",
+    "bbh": "BBH (exact match)",
+    "gsm8k": "GSM8K (exact match)",
 }
 
 
@@ -60,27 +67,60 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_ppo_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Reward mean and the CM length limit the rollout used, per PPO iteration (one record per step).
+def plot_ppo_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path) -> Path:
+    """Per PPO iteration, one line per run: the reward model's score, the critic (value) loss and the
+    length limit the rollout used (the CM controller's, or a fixed/step schedule's).
 
     A resumed run appends to metrics.jsonl; the last record of each step wins."""
-    by_step = {int(r["step"]): r for r in history if "reward_mean" in r}
-    if not by_step:
+    series = {}
+    for name, history in runs.items():
+        by_step = {int(r["step"]): r for r in history if "reward_mean" in r}
+        if by_step:
+            series[name] = (sorted(by_step), by_step)
+    if not series:
         raise ValueError(f"no PPO records with reward_mean to plot for {path}")
-    steps = sorted(by_step)
     plt = _pyplot()
-    fig, (ax_r, ax_l) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    raw = all("reward_raw_mean" in by_step[s] for s in steps)  # the RM's own score, before normalisation
-    key_r = "reward_raw_mean" if raw else "reward_mean"
-    ax_r.plot(steps, [by_step[s][key_r] for s in steps], marker="o", ms=3)
-    ax_r.set_ylabel("RM score (mean)" if raw else "reward (mean)")
-    ax_r.set_title("Coarse Actor PPO")
-    key = "rollout_length_limit" if "rollout_length_limit" in by_step[steps[0]] else "length_limit"
-    ax_l.step(steps, [by_step[s].get(key, math.nan) for s in steps], where="mid", color="tab:orange")
-    ax_l.set_ylabel("CM length limit (tokens)")
+    fig, (ax_r, ax_c, ax_l) = plt.subplots(3, 1, figsize=(6.5, 7), sharex=True)
+    for name, (steps, by_step) in series.items():
+        raw = all("reward_raw_mean" in by_step[s] for s in steps)  # the RM's own score, before normalisation
+        ax_r.plot(steps, [by_step[s]["reward_raw_mean" if raw else "reward_mean"] for s in steps], label=name)
+        ax_c.plot(steps, [by_step[s].get("vf_loss", math.nan) for s in steps], label=name)
+        key = "rollout_length_limit" if "rollout_length_limit" in by_step[steps[0]] else "length_limit"
+        ax_l.step(steps, [by_step[s].get(key, math.nan) for s in steps], where="mid", label=name)
+    ax_r.set_ylabel("RM score (mean)")
+    ax_r.set_title("PPO runs")
+    ax_c.set_ylabel("critic loss")
+    ax_l.set_ylabel("length limit (tokens)")
     ax_l.set_xlabel("PPO iteration")
-    for ax in (ax_r, ax_l):
+    for ax in (ax_r, ax_c, ax_l):
         ax.grid(alpha=0.3)
+    ax_r.legend(fontsize=8)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: str) -> Path:
+    """Grouped bars: ``groups[series][category]`` (e.g. MMLU accuracy by category for each model, or
+    pairwise win rates), one colour per series."""
+    series = [k for k, v in groups.items() if v]
+    if not series:
+        raise ValueError(f"nothing to plot for {path}")
+    categories = list(dict.fromkeys(c for k in series for c in groups[k]))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(categories) * max(1, len(series)) / 2), 3.5))
+    width = 0.8 / len(series)
+    for i, name in enumerate(series):
+        xs = [j + i * width for j in range(len(categories))]
+        ax.bar(xs, [groups[name].get(c, math.nan) for c in categories], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))])
+    ax.set_xticklabels(categories, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:
@@ -92,8 +132,8 @@ def _value(row: dict[str, Any], key: str) -> float:
     return float(v) if isinstance(v, (int, float)) and v is not None else math.nan
 
 
-def plot_metrics_vs_gamma(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """One panel per metric: merged models against gamma, the SFT and coarse rows as reference lines."""
+def plot_metrics_vs_gamma(rows: Sequence[dict[str, Any]], path: Path, partner: str = "sft") -> Path:
+    """One panel per metric: merged models against gamma, the partner and coarse rows as reference lines."""
     merged = sorted((r for r in rows if r.get("gamma") is not None), key=lambda r: r["gamma"])
     refs = {r["model"]: r for r in rows if r.get("gamma") is None}
     metrics = [k for k in GAMMA_METRICS if any(not math.isnan(_value(r, k)) for r in rows)]
@@ -106,7 +146,7 @@ def plot_metrics_vs_gamma(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     gammas = [r["gamma"] for r in merged]
     for ax, key in zip(axes.flat, metrics):
         ax.plot(gammas, [_value(r, key) for r in merged], marker="o", label="merged")
-        for name, style in (("sft", ":"), ("coarse", "--")):
+        for name, style in ((partner, ":"), ("coarse", "--")):
             if name in refs and not math.isnan(_value(refs[name], key)):
                 ax.axhline(_value(refs[name], key), linestyle=style, color="gray", label=name)
         ax.set_title(GAMMA_METRICS[key], fontsize=10)

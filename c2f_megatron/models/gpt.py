@@ -49,9 +49,13 @@ def build_gpt_model(
         pg_collection=layout.pg_collection,
         **(gpt_model_kwargs(model_cfg) | ({} if lm_head else {"share_embeddings_and_output_weights": False})),
     )
+    from c2f_megatron.models.config import DTYPES
     from c2f_megatron.platform.distributed import device
 
-    return model.to(device())
+    # Every parameter in the model dtype, as Megatron-LM's Float16Module casts it: megatron's torch norms
+    # create fp32 weights whatever params_dtype says, and the mixed-precision optimizer checkpoints only
+    # the bf16/fp16 parameters it holds fp32 copies of. (RoPE frequencies are not parameters: they stay fp32.)
+    return model.to(device=device(), dtype=DTYPES[model_cfg.params_dtype])
 
 
 def build_model_chunks(model_cfg: ModelConfig, layout: RoleLayout | None = None, **config_overrides) -> list:

@@ -146,12 +146,15 @@ class PPOConfig:
 
 @dataclass
 class GenerationSection:
-    """Sampling for rollouts. Coarse mode: EOS and ``extra_stop_ids`` are suppressed (never sampled), so every
-    response runs to the length controller's limit. ``max_new_tokens`` comes from ``length`` each iteration."""
+    """Sampling for rollouts. Coarse mode (``suppress_eos: true``, the Coarse Actor): EOS and
+    ``extra_stop_ids`` are suppressed (never sampled), so every response runs to the length controller's
+    limit. ``suppress_eos: false`` is ordinary PPO (the paper's Plus baseline): sampling EOS or a stop id ends
+    a response, which includes it. ``max_new_tokens`` comes from ``length`` each iteration."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    suppress_eos: bool = True
     extra_stop_ids: list[int] = field(default_factory=list)
 
 

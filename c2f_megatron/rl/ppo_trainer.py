@@ -3,7 +3,8 @@
 One iteration::
 
     prompts (this actor-DP rank's slice of the seeded prompt stream)
-    -> actor.generate at the length controller's limit (EOS suppressed: coarse mode)   [rollout]
+    -> actor.generate at the length controller's limit (EOS suppressed: coarse mode;   [rollout]
+       or EOS ends a response: ordinary PPO, the Plus baseline)
     -> rows gathered over the actor's DP ranks: every rank holds the whole batch
     -> actor log-probs, reference log-probs, critic values, reward scores, each role   [scoring]
        on its own TP/PP layout and its own DP slice of the rows
@@ -232,8 +233,8 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
     actor_ckpt = resolve_checkpoint(cfg.actor.init_from, "actor.init_from") if cfg.actor.init_from else None
     actor_cfg = _model_config(cfg, actor_ckpt)
     source = load_prompts(cfg, actor_cfg.vocab_size)
-    eos = source.eos_id
-    suppressed = [eos, *cfg.generation.extra_stop_ids]
+    stops = [source.eos_id, *cfg.generation.extra_stop_ids]
+    suppressed = stops if cfg.generation.suppress_eos else []
     mbs = cfg.ppo.micro_batch_size
 
     actor_chunks = _build("gpt", actor_cfg, actor_ckpt, layouts.actor)
@@ -352,6 +353,7 @@ def make_experience(
         top_k=cfg.generation.top_k,
         top_p=cfg.generation.top_p,
         suppress_ids=list(w.actor.suppressed),
+        stop_ids=[] if cfg.generation.suppress_eos else [w.source.eos_id, *cfg.generation.extra_stop_ids],
         pad_id=w.source.pad_id,
         seed=cfg.ppo.seed * 1_000_003 + iteration,
     )

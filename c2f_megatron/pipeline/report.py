@@ -1,0 +1,152 @@
+"""The pipeline's report: the Table-3-style table, pairwise RM win rates, the reward model's accuracy, the
+wall time of every stage, and the plots, all under ``run_dir/report/`` (``summary.md`` ties them together).
+
+Everything is read back from the stage outputs (``eval/<row>/eval.json`` and ``responses.json``, each PPO
+run's ``metrics.jsonl``, the reward model's checkpoint metadata), so the report is rewritten the same way
+whether the stages ran now or earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from c2f_megatron.config import to_dict
+from c2f_megatron.pipeline.stages import StageFailed, gamma_of, write_atomic
+
+if TYPE_CHECKING:
+    from c2f_megatron.pipeline.stages import Pipeline
+
+RESPONSES = "responses.json"
+
+
+def _rows(p: Pipeline) -> list[dict[str, Any]]:
+    rows = []
+    for name, _ in p.eval_models():
+        doc = json.loads(Path(p.outputs[f"eval/{name}"]).read_text())
+        row = dict(doc["rows"][0])
+        row.pop("checkpoint", None)
+        row.pop("model", None)
+        rows.append({"model": name, "gamma": gamma_of(name), **row})
+    return rows
+
+
+def pairwise_win_rates(p: Pipeline) -> list[dict[str, Any]]:
+    """``report.pairs``: how often row a's response outscores row b's under the reward model, on the same
+    held-out prompts (ties count half)."""
+    from c2f_megatron.eval.response_metrics import win_rate
+
+    out = []
+    for a, b in p.cfg.report.pairs:
+        docs = [json.loads((Path(p.outputs[f"eval/{n}"]).parent / RESPONSES).read_text()) for n in (a, b)]
+        if docs[0]["prompts"] != docs[1]["prompts"] or None in (docs[0]["rewards"], docs[1]["rewards"]):
+            raise StageFailed(f"report.pairs [{a}, {b}]: the two evals differ in prompts or have no rewards")
+        rate = win_rate(docs[0]["rewards"], docs[1]["rewards"])
+        out.append({"a": a, "b": b, "win_rate_a_over_b": rate, "n": len(docs[0]["rewards"])})
+    return out
+
+
+def reward_model_accuracy(p: Pipeline) -> dict[str, Any]:
+    """The reward model's held-out pairwise accuracy (its trainer's last eval, in the checkpoint)."""
+    meta = json.loads((p.outputs["rm"] / "c2f_checkpoint.json").read_text())
+    ev = meta.get("extra", {}).get("eval", {})
+    return {k: ev.get(k) for k in ("accuracy", "loss", "margin", "reward_mean", "reward_std", "step")}
+
+
+def _ppo_histories(p: Pipeline) -> dict[str, list[dict[str, Any]]]:
+    from c2f_megatron.eval.plots import read_metrics_jsonl
+
+    runs = {}
+    for name in ("coarse", *(v.name for v in p.cfg.variants)):
+        path = p.stage_dir_of(name) / "metrics.jsonl"
+        if path.is_file():
+            runs[name] = read_metrics_jsonl(path)
+    return runs
+
+
+def _markdown_table(rows: list[dict[str, Any]]) -> str:
+    from c2f_megatron.eval.report import RunMetadata, to_markdown
+
+    text = to_markdown(rows, RunMetadata("", "", 0), "")
+    return text.split("\n", 5)[-1]  # the table without the title and metadata lines
+
+
+def write_pipeline_report(p: Pipeline) -> Path:
+    """Write every report file; returns the report directory."""
+    from c2f_megatron.eval.plots import plot_bars, plot_metrics_vs_gamma, plot_ppo_curves
+    from c2f_megatron.eval.report import RunMetadata, write_report
+
+    out = p.run_dir / "report"
+    rows = _rows(p)
+    meta = RunMetadata(
+        model=p.cfg.title, checkpoint=str(p.run_dir), seed=int(p.cfg.hh.seed), config=to_dict(p.cfg)
+    )
+    write_report(out, "table", rows, meta)
+    pairs = pairwise_win_rates(p)
+    if pairs:
+        write_report(out, "pairwise", pairs, meta)
+    stages = [{"stage": k, "seconds": v} for k, v in p.seconds.items()]
+    if stages:
+        write_report(out, "stages", stages, meta)
+    rm = reward_model_accuracy(p)
+    write_atomic(out / "reward_model.json", json.dumps(rm, indent=2) + "\n")
+
+    plots = []
+    runs = _ppo_histories(p)
+    if runs:
+        plots.append(plot_ppo_curves(runs, out / "ppo_curves.png"))
+    sweep = [r for r in rows if r["gamma"] is not None and r["model"].startswith("gamma_")]
+    if sweep:
+        plots.append(
+            plot_metrics_vs_gamma(
+                sweep + [r for r in rows if r["gamma"] is None], out / "metrics_vs_gamma.png", p.partner
+            )
+        )
+    by_category = {
+        r["model"]: {
+            k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("mmlu/") and isinstance(v, float)
+        }
+        for r in rows
+    }
+    if any(by_category.values()):
+        plots.append(plot_bars(by_category, out / "mmlu_by_category.png", "MMLU by category", "accuracy"))
+    if pairs:
+        groups = {f"{x['a']} vs {x['b']}": {"win rate": x["win_rate_a_over_b"]} for x in pairs}
+        plots.append(plot_bars(groups, out / "pairwise_win_rates.png", "RM win rate, a over b", "win rate"))
+
+    total = sum(p.seconds.values())
+    lines = [
+        f"# {p.cfg.title}",
+        "",
+        f"Run directory: `{p.run_dir}`. Rows: the partner (`{p.partner}`), the Fine Actor at each gamma "
+        "(`gamma_G` = G * coarse + (1 - G) * partner), the Coarse Actor, then each variant and its merges. "
+        f"`win_rate` is the RM win rate against `{p.partner}` on the same held-out prompts.",
+        "",
+        "## Table",
+        "",
+        _markdown_table(rows),
+        "## Reward model (held-out pairs)",
+        "",
+        "accuracy {}, eval loss {}, at step {}".format(
+            *(_fmt(rm.get(k)) for k in ("accuracy", "loss", "step"))
+        ),
+        "",
+    ]
+    if pairs:
+        lines += ["## Pairwise RM win rates", "", _markdown_table(pairs)]
+    lines += [
+        f"## Wall time per stage ({total / 60:.1f} min in all)",
+        "",
+        _markdown_table(stages) if stages else "",
+    ]
+    lines += ["## Plots", ""] + [f"![{q.stem}]({q.name})" for q in plots] + [""]
+    write_atomic(out / "summary.md", "\n".join(lines))
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "n/a" if value is None else str(value)
