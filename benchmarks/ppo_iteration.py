@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from c2f_megatron.config import load_config
+    from c2f_megatron.generation.rollout import GenerationConfig
     from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
     from c2f_megatron.rl.config import PPOJobConfig
     from c2f_megatron.rl.experience import (
@@ -57,8 +58,9 @@ def main() -> None:
         gather_experience,
         normalize_scores,
     )
-    from c2f_megatron.rl.ppo_trainer import build_workers, iteration_prompts, ppo_update
-    from c2f_megatron.rl.rollout import GenerationConfig
+    from c2f_megatron.rl.ppo_trainer import ppo_update
+    from c2f_megatron.rl.prompts import iteration_prompts
+    from c2f_megatron.rl.roles import build_workers
 
     if args.config:
         overrides = list(args.overrides)

@@ -1,4 +1,4 @@
-"""Rollout throughput: ``c2f_megatron.rl.rollout.generate`` vs HF ``generate`` (KV cache), same weights and batch.
+"""Rollout throughput: ``c2f_megatron.generation.rollout.generate`` vs HF ``generate`` (KV cache), same weights and batch.
 
 Ours: megatron ``GPTModel`` (``build_gpt_model``) driven with a ``StaticInferenceContext`` KV cache.
 Reference: HF transformers ``MistralForCausalLM`` (attn_implementation="sdpa") holding the same weights,
@@ -62,9 +62,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
 
+    from c2f_megatron.generation.rollout import GenerationConfig, generate
     from c2f_megatron.models import build_gpt_model, get_preset
     from c2f_megatron.platform import ParallelConfig, device, init_distributed
-    from c2f_megatron.rl.rollout import GenerationConfig, generate
+    from c2f_megatron.platform.role_layout import global_layout
 
     init_distributed(ParallelConfig(seed=0))
     dev = device()
@@ -85,7 +86,7 @@ def main() -> None:
     ours_out = {}
 
     def ours() -> None:
-        ours_out["batch"] = generate(model, prompts.tolist(), gen_cfg, cfg.vocab_size)
+        ours_out["batch"] = generate(model, global_layout(), prompts.tolist(), gen_cfg, cfg.vocab_size)
 
     hf_in = prompts.to(dev)
     hf_out = {}
@@ -102,7 +103,13 @@ def main() -> None:
                 pad_token_id=0,
             )
 
-    generate(model, prompts.tolist(), GenerationConfig(max_new_tokens=4, greedy=True), cfg.vocab_size)
+    generate(
+        model,
+        global_layout(),
+        prompts.tolist(),
+        GenerationConfig(max_new_tokens=4, greedy=True),
+        cfg.vocab_size,
+    )
     hf.generate(
         hf_in, attention_mask=torch.ones_like(hf_in), max_new_tokens=4, do_sample=False, pad_token_id=0
     )

@@ -1,4 +1,4 @@
-"""Throughput of the shared train step (``c2f_megatron.training.loop.train_step``) for a model preset.
+"""Throughput of the shared train step (``c2f_megatron.engine.RoleModel.train_step``) for a model preset.
 
 Prints tokens/s and, on a GPU, model FLOPs utilisation: (6 N + 12 L h s) FLOPs per token (N = parameters
 doing matmuls: all but the input embedding; the second term is attention scores and context, PaLM's
@@ -45,6 +45,7 @@ def main() -> None:
 
     from megatron.core import parallel_state
 
+    from c2f_megatron.engine import OptimConfig, RoleModel
     from c2f_megatron.models.config import get_preset
     from c2f_megatron.models.specs import resolve_layer_spec
     from c2f_megatron.platform.distributed import (
@@ -54,10 +55,7 @@ def main() -> None:
         is_rank_zero,
         use_cuda,
     )
-    from c2f_megatron.training.config import OptimConfig
-    from c2f_megatron.training.loop import setup_training, train_step
     from c2f_megatron.training.tasks.lm import collate_windows, token_forward_step
-    from c2f_megatron.training.trainer import build_chunks
 
     init_distributed(ParallelConfig(args.tp, args.pp))
     overrides = {"layer_spec": args.layer_spec, "max_position_embeddings": max(args.seq, 512)}
@@ -65,7 +63,7 @@ def main() -> None:
         overrides["params_dtype"] = args.dtype
     model_cfg = get_preset(args.preset, **overrides)
     optim = OptimConfig(lr=1e-4, use_distributed_optimizer=args.distributed_optimizer)
-    tm = setup_training(build_chunks("gpt", model_cfg), optim, model_cfg, args.steps + args.warmup)
+    tm = RoleModel.build("model", "gpt", model_cfg, optim=optim, train_steps=args.steps + args.warmup)
     g = torch.Generator().manual_seed(0)
     micro = [
         collate_windows(
@@ -80,7 +78,7 @@ def main() -> None:
         if use_cuda():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_step(tm, forward, micro, args.seq, args.micro_batch)
+        tm.train_step(forward, micro, args.seq, args.micro_batch)
         if use_cuda():
             torch.cuda.synchronize()
         if i >= args.warmup:

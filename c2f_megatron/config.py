@@ -164,5 +164,72 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data, where=source)
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The doc of each field of dataclass ``cls``: the comment at the end of its line in the source, or the
+    string right under it (torchtitan's habit: the field's doc is where ``--help`` reads it)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for i, node in enumerate(body):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        line = lines[node.end_lineno - 1]
+        comment = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        if (
+            not comment
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+        ):
+            comment = " ".join(str(nxt.value.value).split())
+        if comment:
+            docs[node.target.id] = comment
+    return docs
+
+
+def fields_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """Every field of job config ``cls`` as ``dotted.name = default  # doc`` lines (the defaults a job gets,
+    nested sections' included), each section headed by its class docstring's first line: the epilog of a
+    command's ``--help``."""
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    if defaults is None:
+        try:
+            defaults = cls()
+        except Exception:  # a section that needs arguments: fields without defaults
+            defaults = None
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        name = f"{prefix}{f.name}"
+        tp = hints.get(f.name)
+        value = getattr(defaults, f.name, "?") if defaults is not None else "?"
+        if _is_dataclass_type(tp):
+            title = (tp.__doc__ or "").strip().split("\n")[0]
+            out.append(f"{name}:{'  ' + title if title else ''}")
+            out.append(fields_help(tp, name + ".", value if dataclasses.is_dataclass(value) else None))
+            continue
+        doc = docs.get(f.name, "")
+        out.append(f"  {name} = {value!r}" + (f"  # {doc}" if doc else ""))
+    return "\n".join(line for line in out if line)
+
+
+def help_kwargs(cls: type) -> dict[str, Any]:
+    """``add_parser`` arguments that put a job config's fields (``fields_help``) in the command's ``--help``."""
+    import argparse
+
+    epilog = "config fields (key.path=value overrides):\n" + fields_help(cls)
+    return {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def dump_config(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

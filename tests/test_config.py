@@ -91,3 +91,30 @@ def test_every_example_config_loads(path: Path) -> None:
         module, name, _ = JOBS[{"lm": "train-lm", "sft": "train-sft", "rm": "train-rm"}[kind]]
         cls = getattr(importlib.import_module(module), name)
     load_config(cls, path)
+
+
+def test_field_docs_and_defaults_reach_the_help() -> None:
+    """Each field's doc is its source comment (or the string under it) and ``--help`` lists every field
+    with the default the job really gets (a section's own factory defaults, not its class defaults)."""
+    import subprocess
+    import sys
+    from dataclasses import dataclass
+
+    from c2f_megatron.config import field_docs, fields_help
+    from c2f_megatron.rl.config import PPOJobConfig
+
+    @dataclass
+    class Section:
+        a: int = 1  # the first field
+        b: str = "x"
+        """the second field, documented below it"""
+
+    assert field_docs(Section) == {"a": "the first field", "b": "the second field, documented below it"}
+    text = fields_help(PPOJobConfig)
+    assert "  actor.optim.lr = 5e-06" in text and "  critic.optim.lr = 5e-07" in text
+    assert "  reward.kind = 'model'" in text  # the section default and the job's agree
+    assert "  ppo.max_consecutive_nonfinite = 3  # iterations in a row" in text
+    out = subprocess.run(
+        [sys.executable, "-m", "c2f_megatron.cli", "coarse-actor", "--help"], capture_output=True, text=True
+    ).stdout
+    assert "config fields" in out and "  length.cm.max_length = " in out

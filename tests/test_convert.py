@@ -29,7 +29,7 @@ TOLERANCE = 1e-4
 VERIFY = ["--verify", "--verify-seq-len", "24", "--verify-tolerance", str(TOLERANCE)]
 
 
-def _hf_config():
+def _hf_config(tie_word_embeddings: bool = False):
     from transformers import MistralConfig
 
     cfg = MistralConfig(
@@ -43,7 +43,7 @@ def _hf_config():
         rope_theta=5000.0,
         rms_norm_eps=1e-5,
         max_position_embeddings=128,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     cfg.architectures = ["MistralForCausalLM"]
     return cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from c2f_megatron.eval.benchmarks import GSM8K_COT_EXEMPLARS, bbh_chance, bbh_cot_prompt
+from c2f_megatron.eval.benchmarks.reasoning import GSM8K_COT_EXEMPLARS, bbh_chance, bbh_cot_prompt
 from c2f_megatron.eval.extraction import (
     bbh_exact_match,
     extract_bbh_answer,

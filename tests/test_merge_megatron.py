@@ -87,6 +87,16 @@ def test_refuses_different_hyper_parameter(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_run_time_fields_are_not_the_architecture(tmp_path):
+    """A PPO actor saved with the sdpa spec merges with the converted base model (spec 'auto'): the layer
+    spec and dropouts are run-time choices."""
+    from c2f_megatron.merge.megatron import check_metadata
+
+    a = _fake_checkpoint(tmp_path / "a", layer_spec="sdpa", hidden_dropout=0.1)
+    b = _fake_checkpoint(tmp_path / "b", layer_spec="auto")
+    assert len(check_metadata([a, b], ["--a", "--b"], dtype=None)) == 2
+
+
 def test_refuses_different_tokenizer(tmp_path, capsys):
     a = _fake_checkpoint(tmp_path / "a")
     b = _fake_checkpoint(tmp_path / "b", tokenizer={"kind": "test", "vocab_size": 999})

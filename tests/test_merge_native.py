@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from c2f_megatron.merge import native
-from c2f_megatron.merge.math import ChunkedMerger, pin_nans
+from c2f_megatron.merge.math import ChunkedMerger, evaluate, pin_nans
 from c2f_megatron.merge.recipe import MergeRecipe
 
 ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -62,7 +62,7 @@ def make_input(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 def reference(recipe: MergeRecipe, xs: list[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """The documented result: torch's fp32 formula, one ``.to(dtype)``, NaNs written canonically."""
-    y = recipe.apply(xs).to(out_dtype)
+    y = evaluate(recipe, xs).to(out_dtype)
     pin_nans(y)
     return y
 
@@ -132,7 +132,7 @@ def test_data_tells_the_rounding_choices_apart():
     weight_in_double = (0.7 * fa.double() + 0.3 * fb.double()).float()
     w0, w1 = torch.tensor(0.7).float().double(), torch.tensor(0.3).float().double()
     fused = ((w0 * fa.double()).float().double() + w1 * fb.double()).float()  # second product not rounded
-    ref32 = MergeRecipe("weighted", (0.7, 0.3)).apply([a, b])
+    ref32 = evaluate(MergeRecipe("weighted", (0.7, 0.3)), [a, b])
     assert not torch.equal(weight_in_double[finite], ref32[finite])
     assert not torch.equal(fused[finite], ref32[finite])
     truncated = (ref32.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)

@@ -35,6 +35,23 @@ def test_v02_v03_presets():
     assert (v2.vocab_size, v3.vocab_size) == (32000, 32768)
 
 
+def test_llama_family_presets():
+    """Published sizes: SmolLM2-135M 134.5M (tied, 9 heads / 3 groups), Llama-3-8B 8.03B (untied)."""
+    smol, llama3, llama31 = PRESETS["smollm2-135m"], PRESETS["llama-3-8b"], PRESETS["llama-3.1-8b"]
+    assert smol.family == llama3.family == "llama" and smol.tied_embeddings and not llama3.tied_embeddings
+    assert (smol.num_attention_heads, smol.num_query_groups, smol.head_dim, smol.rotary_base) == (
+        9,
+        3,
+        64,
+        1e5,
+    )
+    assert smol.num_parameters() == 134_515_008
+    assert llama3.num_parameters() == llama31.num_parameters() == 8_030_261_248
+    assert llama3.rope_scaling_factor is None and llama31.rope_scaling_factor == 8.0
+    with pytest.raises(ValueError, match="sliding_window must be null for family 'llama'"):
+        get_preset("smollm2-135m", sliding_window=4)
+
+
 def test_transformer_config_translation():
     cfg = get_preset("mistral-nano", sliding_window=8, params_dtype="bf16")
     tc = to_transformer_config(cfg, tensor_model_parallel_size=2)

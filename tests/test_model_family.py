@@ -11,32 +11,27 @@ import pytest
 import torch
 
 from c2f_megatron.merge.cli import main as merge_main
-from c2f_megatron.merge.math import MergeRecipe
+from c2f_megatron.merge.math import evaluate
+from c2f_megatron.merge.recipe import MergeRecipe
 from tests.launch import REPO_ROOT, run_python, run_torchrun
-from tests.test_convert import TO_HF, TO_MEGATRON, VERIFY, _tensors, _verified_diff, assert_bitwise_equal
+from tests.test_convert import (
+    TO_HF,
+    TO_MEGATRON,
+    TOLERANCE,
+    VERIFY,
+    _hf_config,
+    _tensors,
+    _verified_diff,
+    assert_bitwise_equal,
+)
 
 MERGE = REPO_ROOT / "tools" / "merge_checkpoints.py"
-TOLERANCE = 1e-4
 
 
 def _mistral_tied():
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
-    cfg = MistralConfig(
-        vocab_size=1003,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,
-        rope_theta=5000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    cfg.architectures = ["MistralForCausalLM"]
-    return MistralForCausalLM, cfg
+    return MistralForCausalLM, _hf_config(tie_word_embeddings=True)
 
 
 def _llama_untied():
@@ -149,7 +144,7 @@ def test_merge_both_modes(family, family_dirs, tmp_path):
     assert sorted(tm) == sorted(ta)
     recipe = MergeRecipe("weighted", (0.7, 0.3))
     for name, value in tm.items():
-        want = recipe.apply([ta[name].float(), tb[name].float()]).to(value.dtype)
+        want = evaluate(recipe, [ta[name].float(), tb[name].float()]).to(value.dtype)
         assert torch.equal(value, want), name
     assert json.loads((merged / "config.json").read_text()) == json.loads((a / "config.json").read_text())
     assert torch.isfinite(_logits(merged)).all()

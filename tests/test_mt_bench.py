@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from c2f_megatron.eval.judge_client import JudgeAPIError, JudgeClientConfig, OpenAIChatClient
 from c2f_megatron.eval.mt_bench import (
     CATEGORIES,
-    JudgeAPIError,
-    JudgeClientConfig,
     MTBenchDataError,
-    OpenAIChatClient,
     aggregate_pairwise,
     aggregate_single,
     build_single_request,

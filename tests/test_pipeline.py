@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ NANO = REPO_ROOT / "examples" / "pipeline_nano.yaml"
 MINI = REPO_ROOT / "examples" / "pipeline_mini.yaml"
 SMOLLM2 = REPO_ROOT / "examples" / "pipeline_smollm2.yaml"
 SMOLLM2_ABLATION = REPO_ROOT / "examples" / "pipeline_smollm2_ablation.yaml"
+DEMO = REPO_ROOT / "examples" / "pipeline_demo_smollm2.yaml"
 
 
 def _hh(shared_data: Path) -> list[str]:
@@ -68,6 +70,7 @@ class FakeRunner:
                 (out / "tokenizer" / "tokenizer.json").write_text("{}")
             else:
                 (out / "config.json").write_text("{}")
+                (out / "model.safetensors").write_bytes(b"")
         elif command == "merge":
             out = Path(args[args.index("--out") + 1])
             gammas = args[args.index("--gamma") + 1].split(",")
@@ -84,7 +87,15 @@ class FakeRunner:
             }
             (out / "eval.json").write_text(json.dumps({"rows": [row]}))
             rewards = [float(len(job["name"]) + i) for i in range(3)]  # longer names score higher
-            (out / "responses.json").write_text(json.dumps({"prompts": ["p"] * 3, "rewards": rewards}))
+            doc = {
+                "prompts": [
+                    f"<|im_start|>user\nquestion {i}<|im_end|>\n<|im_start|>assistant\n" for i in range(3)
+                ],
+                "responses": [f"{job['name']} answer {i}" for i in range(3)],
+                "response_ids": [[1] * (i + 1) for i in range(3)],
+                "rewards": rewards,
+            }
+            (out / "responses.json").write_text(json.dumps(doc))
 
 
 def _config(tmp_path: Path, shared_data: Path, extra: list[str] = ()) -> PipelineConfig:
@@ -207,6 +218,31 @@ def test_instruct_partner_variants_pairs_and_reuse(tmp_path, shared_data):
     assert [r["model"] for r in table][:3] == ["instruct", "gamma_0.70", "coarse"]
 
 
+def test_demo_summary_sets_before_and_after_side_by_side(tmp_path, shared_data):
+    """The main job's config: one gamma, three rows, and a summary with the Coarse Actor's first and last
+    iteration and the instruct model's and the Fine Actor's answers to the same prompts."""
+    from c2f_megatron.pipeline.report import run_summary
+
+    cfg = load_config(PipelineConfig, DEMO, [f"run_dir={tmp_path / 'demo'}", *_hh(shared_data)])
+    pipeline = Pipeline(cfg, runner=FakeRunner())
+    report = pipeline.run()
+    summary = run_summary(pipeline, 12.0, report)
+    assert [r["model"] for r in json.loads((report / "table.json").read_text())["rows"]] == [
+        "instruct", "gamma_0.70", "coarse",
+    ]  # fmt: skip
+    metrics = {name: (a, b) for name, a, b in summary.metrics}
+    assert metrics["coarse rollout_length_limit (first -> last iteration)"] == (8.0, 16.0)
+    assert metrics["length_mean (instruct -> gamma_0.70)"][0] is not None
+    assert [s.title.split(" (")[0] for s in summary.samples] == [
+        "prompt 1, instruct", "prompt 1, gamma_0.70", "prompt 2, instruct", "prompt 2, gamma_0.70",
+        "prompt 3, instruct", "prompt 3, gamma_0.70",
+    ]  # fmt: skip
+    assert summary.samples[0].prompt == "question 0" and summary.samples[1].response == "gamma_0.70 answer 0"
+    text = summary.markdown()
+    assert "question 2" in text and "instruct answer 2" in text and str(report / "summary.md") in text
+    assert summary.console().count("\n--- prompt") == 6
+
+
 def test_config_errors_name_the_field(tmp_path, shared_data, capsys):
     from c2f_megatron.pipeline import main
 
@@ -216,7 +252,7 @@ def test_config_errors_name_the_field(tmp_path, shared_data, capsys):
     assert not (tmp_path / "base").exists()
 
 
-@pytest.mark.parametrize("path", [NANO, MINI, SMOLLM2, SMOLLM2_ABLATION])
+@pytest.mark.parametrize("path", [NANO, MINI, SMOLLM2, SMOLLM2_ABLATION, DEMO])
 def test_shipped_configs_validate(path, tmp_path):
     Pipeline(load_config(PipelineConfig, path, [f"run_dir={tmp_path}"])).validate()
 
@@ -281,3 +317,9 @@ def test_nano_smoke_end_to_end_with_crash_and_resume(tmp_path, shared_data):
         assert (r["win_rate"] is None) == (r["model"] == "sft")
     assert (run / "report" / "ppo_curves.png").stat().st_size > 1000
     assert (run / "report" / "metrics_vs_gamma.png").stat().st_size > 1000
+    # every job's summary, and the pipeline's own at the end of its output
+    assert "c2f pipeline: 7 stage(s) run, 2 done earlier" in good.stdout
+    assert (run / "summary.md").is_file() and (run / "coarse" / "summary.md").is_file()
+    assert (run / "coarse" / "ppo_curves.png").stat().st_size > 1000
+    assert "iteration 2:" in (run / "coarse" / "summary.md").read_text()  # the last iteration's sample
+    assert re.search(r"^    iter 2/2 \| ", good.stdout, re.M)  # a stage's progress lines reach the console

@@ -244,25 +244,6 @@ def test_value_loss_explained_variance(gen):
     assert useless["vpred_mean"].item() == pytest.approx(0.3)
 
 
-# ------------------------------------------------------------------------------------------------ logits
-
-
-def test_logprobs_and_entropy_from_logits(gen):
-    logits = 3 * torch.randn(2, 5, 11, generator=gen)
-    labels = torch.randint(0, 11, (2, 5), generator=gen)
-    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    assert_close(ca.logprobs_from_logits(logits, labels), expected)
-    assert_close(
-        ca.logprobs_from_logits(logits.bfloat16(), labels),
-        ca.logprobs_from_logits(logits.bfloat16().float(), labels),
-    )
-    assert_close(ca.entropy_from_logits(logits), torch.distributions.Categorical(logits=logits).entropy())
-    big = torch.tensor([[1e4, 0.0, -1e4]])
-    assert ca.logprobs_from_logits(big, torch.tensor([0])).item() == 0.0
-    assert torch.isfinite(ca.logprobs_from_logits(big, torch.tensor([2]))).all()
-    assert ca.entropy_from_logits(big).item() == pytest.approx(0.0, abs=1e-6)
-
-
 # ------------------------------------------------------------------------------------------- KL control
 
 

@@ -11,10 +11,9 @@ import json
 import pytest
 import torch
 
-from c2f_megatron.rl.rollout import (
+from c2f_megatron.generation.rollout import (
     GenerationConfig,
     RolloutBatch,
-    coarse_generation_config,
     padded_causal_mask,
 )
 from tests.launch import run_python, run_torchrun
@@ -121,8 +120,6 @@ def test_rollout_batch_helpers() -> None:
 
 
 def test_generation_config_validation() -> None:
-    cfg = coarse_generation_config(eos_id=2, pad_id=0, max_new_tokens=8, extra_stop_ids=(7,))
-    assert cfg.suppress_ids == [2, 7] and cfg.stop_ids == []
     with pytest.raises(ValueError, match="suppressed and stop"):
         GenerationConfig(8, suppress_ids=[2], stop_ids=[2])
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from c2f_megatron.rl.sampling import (
+from c2f_megatron.generation.sampling import (
     apply_temperature,
     process_logits,
     sample_tokens,

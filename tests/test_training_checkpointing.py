@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from c2f_megatron.training.checkpointing import (
-    latest_checkpoint,
-    list_checkpoints,
-    prune_checkpoints,
-    step_dir,
-)
+from c2f_megatron.checkpoint.steps import latest_checkpoint, list_checkpoints, step_dir
+from c2f_megatron.training.checkpointing import prune_checkpoints
 
 
 def make_step(root: Path, step: int, models: list[str] = ("",), complete: bool = True) -> Path:

@@ -1,4 +1,7 @@
-"""Checkpoint formats: the c2f megatron checkpoint directory, HF <-> megatron mapping, GGUF import.
+"""Checkpoint formats and conversions: the c2f megatron checkpoint directory (``megatron_dir``) and training
+step directories (``steps``), the one resolver and tokenizer check (``resolve``), the one HF safetensors
+reader/writer (``hf_dir``), the HF <-> megatron mapping (``hf_mapping``), the converters (``convert``,
+``verify``), GGUF import (``gguf``, ``gguf_reader``) and atomic output directories (``atomic_dir``).
 
 Kept import-light (no torch): the merge tool detects a c2f checkpoint by its metadata file without torch.
 """

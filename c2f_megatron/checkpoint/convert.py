@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,6 +26,14 @@ from torch import Tensor
 
 from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES
 from c2f_megatron.checkpoint import hf_mapping as hm
+from c2f_megatron.checkpoint.hf_dir import (
+    HFCheckpoint,
+    ShardWriter,
+    name_shards,
+    open_hf_checkpoint,
+    parse_size,
+    read_hf_config,
+)
 from c2f_megatron.checkpoint.hf_mapping import ConversionError
 from c2f_megatron.checkpoint.megatron_dir import (
     METADATA_FILE,
@@ -40,7 +46,6 @@ from c2f_megatron.checkpoint.megatron_dir import (
 )
 from c2f_megatron.models.config import DTYPES, ModelConfig
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_SUBDIR = "tokenizer"
 DEFAULT_MAX_SHARD = "5GB"
 
@@ -56,127 +61,31 @@ class ConversionReport:
 # ------------------------------------------------------------------------------------------ HF reading
 
 
-@dataclasses.dataclass
-class HFCheckpoint:
-    """An HF directory opened lazily: tensor names, shapes and dtypes from the safetensors headers only."""
-
-    directory: Path
-    config: dict[str, Any]
-    files: dict[str, Path]
-    shapes: dict[str, tuple[int, ...]]
-
-    def read(
-        self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
-    ) -> Tensor:
-        """One tensor (or a row/column block of it), read through ``safe_open`` without touching the rest.
-
-        The file is opened per read so its memory map (and the pages it touched) is released at once.
-        """
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            part = f.get_slice(name)
-            if rows is not None:
-                return part[rows[0] : rows[1]]
-            if cols is not None:
-                return part[:, cols[0] : cols[1]]
-            return part[:]
-
-
-def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """``config.json`` of an HF directory as a dict (errors name the file)."""
-    directory = Path(hf_dir)
-    if not directory.is_dir():
-        raise ConversionError(f"{directory}: HF checkpoint directory not found")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{config_path}: missing; an HF checkpoint needs config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ConversionError(f"{config_path}: not a JSON object")
-    return config
-
-
-def open_hf_checkpoint(hf_dir: str | Path) -> HFCheckpoint:
-    """Read ``config.json`` and the safetensors headers (single file or sharded with an index)."""
-    from safetensors import safe_open
-
-    directory = Path(hf_dir)
-    config = read_hf_config(directory)
-    index_path = directory / SAFETENSORS_INDEX
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConversionError(f"{index_path}: field 'weight_map' missing or invalid ({exc})") from exc
-        file_names = sorted(set(weight_map.values()))
-    else:
-        file_names = sorted(p.name for p in directory.glob("*.safetensors"))
-        weight_map = None
-    if not file_names:
-        pickles = sorted(p.name for p in directory.glob("*.bin"))
-        hint = (
-            f" (found {', '.join(pickles)}: pickle checkpoints are not read; save with safetensors)"
-            if pickles
-            else ""
-        )
-        raise ConversionError(f"{directory}: no *.safetensors files{hint}")
-    files: dict[str, Path] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file_name in file_names:
-        path = directory / file_name
-        if not path.is_file():
-            raise ConversionError(f"{index_path}: lists {file_name}, which does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    if name in files:
-                        raise ConversionError(f"{path}: tensor {name!r} is also in {files[name].name}")
-                    files[name] = path
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except ConversionError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if weight_map is not None:
-        for name, file_name in weight_map.items():
-            if files.get(name, directory / file_name) != directory / file_name:
-                raise ConversionError(
-                    f"{index_path}: tensor {name!r} is mapped to {file_name} but lives elsewhere"
-                )
-            if name not in files:
-                raise ConversionError(f"{index_path}: tensor {name!r} is not in {file_name}")
-    return HFCheckpoint(directory, config, files, shapes)
-
-
 def check_hf_tensors(ckpt: HFCheckpoint, cfg: ModelConfig) -> None:
     """Refuse missing, extra or mis-shaped tensors, by name. ``rotary_emb.inv_freq`` buffers, and the
     ``lm_head.weight`` some tied checkpoints still store (transformers ignores it too), are not read."""
     expected = hm.expected_hf_shapes(cfg)
-    present = {n for n in ckpt.shapes if not n.endswith("rotary_emb.inv_freq")}
+    present = {n for n in ckpt.tensors if not n.endswith("rotary_emb.inv_freq")}
     if cfg.tied_embeddings:
         present.discard(hm.LM_HEAD.hf[0])
     missing = [n for n in expected if n not in present]
     extra = sorted(present - set(expected))
     if missing:
         raise ConversionError(
-            f"{ckpt.directory}: missing tensor(s) {', '.join(missing[:8])}"
+            f"{ckpt.path}: missing tensor(s) {', '.join(missing[:8])}"
             + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         )
     if extra:
         raise ConversionError(
-            f"{ckpt.directory}: unexpected tensor(s) {', '.join(extra[:8])}"
+            f"{ckpt.path}: unexpected tensor(s) {', '.join(extra[:8])}"
             + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
             + f" (not a plain {hm.HF_CLASSES[cfg.family][0]})"
         )
     for name, shape in expected.items():
-        if ckpt.shapes[name] != shape:
+        if ckpt.tensors[name].shape != shape:
             raise ConversionError(
-                f"{ckpt.files[name]}: tensor {name!r} has shape {list(ckpt.shapes[name])}, config.json implies "
-                f"{list(shape)}"
+                f"{ckpt.tensors[name].file}: tensor {name!r} has shape {list(ckpt.tensors[name].shape)}, "
+                f"config.json implies {list(shape)}"
             )
 
 
@@ -218,7 +127,7 @@ def _rank_tensor(
     if rule.kind == "replicated":
         return ckpt.read(names[0])
     if rule.kind == "row":
-        return ckpt.read(names[0], cols=hm.tp_range(ckpt.shapes[names[0]][1], tp, rank))
+        return ckpt.read(names[0], cols=hm.tp_range(ckpt.tensors[names[0]].shape[1], tp, rank))
     if rule.kind == "qkv":
         d = cfg.head_dim
         q = ckpt.read(names[0], rows=hm.tp_range(cfg.num_attention_heads * d, tp, rank))
@@ -305,8 +214,9 @@ def convert_hf_to_megatron(
 
     hf_dir = Path(hf_dir)
     _check_output(out, force)
-    cfg = hm.model_config_from_hf(read_hf_config(hf_dir), str(hf_dir / "config.json"), dtype)
-    ckpt = open_hf_checkpoint(hf_dir)
+    # the architecture first: a model we cannot express is refused before its shards are looked at
+    cfg = hm.model_config_from_hf(read_hf_config(hf_dir, ConversionError), str(hf_dir / "config.json"), dtype)
+    ckpt = open_hf_checkpoint(hf_dir, ConversionError)
     check_hf_tensors(ckpt, cfg)
     check_layout(cfg, tp, pp, str(hf_dir / "config.json"))
     tokenizer, tokenizer_files = _tokenizer_info(hf_dir)
@@ -335,6 +245,8 @@ def convert_hf_to_megatron(
 
     report = ConversionReport(Path(out), 0.0)
     if verify:  # before the save, so a failed verification leaves no output behind
+        from c2f_megatron.checkpoint.verify import verify_against_hf
+
         report.max_logit_diff, report.tolerance = verify_against_hf(
             chunk, cfg, hf_dir, verify_seq_len, verify_tolerance
         )
@@ -343,142 +255,7 @@ def convert_hf_to_megatron(
     return report
 
 
-# ---------------------------------------------------------------------------------------------- verify
-
-
-def verify_tokens(vocab_size: int, seq_len: int, batch: int = 2) -> Tensor:
-    """A fixed, vocabulary-spread token batch (no randomness, so every rank and run sees the same)."""
-    ids = torch.arange(batch * seq_len, dtype=torch.long).reshape(batch, seq_len)
-    return (ids * 7919 + 13) % vocab_size
-
-
-def megatron_logits(chunk: torch.nn.Module, tokens: Tensor, vocab_size: int) -> Tensor | None:
-    """Full-vocab logits [b, s, vocab] of a model shard, on the last pipeline stage (None elsewhere).
-
-    With PP > 1 this runs megatron's forward-only pipeline schedule; TP output is gathered by the model.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from c2f_megatron.models.gpt import position_ids_for
-    from c2f_megatron.platform.distributed import device
-
-    tokens = tokens.to(device())
-    chunk.eval()
-    with torch.no_grad():
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            return chunk(tokens, position_ids_for(tokens), None, runtime_gather_output=True)[
-                ..., :vocab_size
-            ].float()
-
-        def forward_step(_iterator, model):
-            out = model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
-            return out, lambda output, non_loss_data=False: output
-
-        collected = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter([None]),
-            model=[chunk],
-            num_microbatches=1,
-            seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0],
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    return collected[0][..., :vocab_size].float()
-
-
-def hf_logits(hf_dir: Path, tokens: Tensor, dtype: torch.dtype) -> Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, attn_implementation="eager")
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens).logits.float()
-    del model
-    return logits
-
-
-def verify_against_hf(
-    chunk: torch.nn.Module, cfg: ModelConfig, hf_dir: Path, seq_len: int, tolerance: float | None
-) -> tuple[float, float]:
-    """Max |logit difference| between the megatron shard(s) and the HF model; raises above tolerance.
-
-    Only one rank (last pipeline stage, TP rank 0, DP rank 0) loads the HF model; the result is shared.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    tokens = verify_tokens(cfg.vocab_size, min(seq_len, cfg.max_position_embeddings))
-    ours = megatron_logits(chunk, tokens, cfg.vocab_size)
-    result = torch.zeros(2, dtype=torch.float64)
-    judge = (
-        ours is not None
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
-    if judge:
-        theirs = hf_logits(hf_dir, tokens, DTYPES[cfg.params_dtype])
-        diff = (ours.cpu() - theirs).abs().max().item()
-        tol = (
-            tolerance
-            if tolerance is not None
-            else (1e-4 if cfg.params_dtype == "fp32" else 0.02 * max(1.0, theirs.abs().max().item()))
-        )
-        result[0], result[1] = diff, tol
-    if dist.is_initialized():
-        dist.all_reduce(result, op=dist.ReduceOp.MAX)
-    diff, tol = float(result[0]), float(result[1])
-    if not diff <= tol:  # also catches NaN
-        raise ConversionError(
-            f"--verify failed: max |logit difference| HF vs megatron {diff:.3e} > {tol:.1e}"
-        )
-    return diff, tol
-
-
 # ------------------------------------------------------------------------------------ megatron -> HF
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from ``5GB`` / ``500MB`` / ``123`` (decimal units, as in transformers)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
-    if not match:
-        raise ConversionError(f"--max-shard-size {text!r}: use bytes or a size like 2GB / 500MB")
-    unit = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}[
-        match.group(2)
-    ]
-    return int(float(match.group(1)) * unit)
-
-
-class ShardWriter:
-    """Streams named tensors into safetensors files of at most ``max_bytes`` (a tensor is never split)."""
-
-    def __init__(self, directory: Path, prefix: str, max_bytes: int) -> None:
-        self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
-        self.pending: dict[str, Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[str, list[str], int]] = []  # (file name, tensor names, bytes)
-
-    def add(self, name: str, tensor: Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        file_name = f"{self.prefix}-{len(self.written):05d}.safetensors"
-        save_file(self.pending, str(self.directory / file_name), metadata={"format": "pt"})
-        self.written.append((file_name, list(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
 
 
 def _gather_tp(local: Tensor) -> list[Tensor]:
@@ -541,7 +318,7 @@ def convert_megatron_to_hf(
         raise ConversionError(f"dtype {out_dtype!r} is not one of {sorted(DTYPES)}")
     hf_config = hm.hf_config_from_model(cfg, out_dtype, meta.tokenizer)
     check_layout(cfg, tp, pp, source)
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size, ConversionError)
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -590,18 +367,7 @@ def _finish_hf_dir(
     meta: CheckpointMetadata,
 ) -> None:
     """Rename the shards to HF's ``model-0000i-of-0000n`` names, write the index, config and tokenizer."""
-    total = len(written)
-    weight_map: dict[str, str] = {}
-    for i, (part_name, names, _) in enumerate(written, start=1):
-        final = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
-        os.replace(tmp / part_name, tmp / final)
-        weight_map.update({n: final for n in names})
-    if total > 1:
-        index = {
-            "metadata": {"total_size": sum(w[2] for w in written)},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    name_shards(tmp, written)
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     tok_dir = megatron_dir / TOKENIZER_SUBDIR
     if tok_dir.is_dir():

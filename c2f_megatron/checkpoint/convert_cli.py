@@ -34,7 +34,11 @@ def add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--megatron-dir", required=True, help="c2f megatron checkpoint directory")
+    p.add_argument(
+        "--megatron-dir",
+        required=True,
+        help="c2f megatron checkpoint directory, or a training root (its newest step; actor/ of a PPO step)",
+    )
     p.add_argument("--out", required=True, help="output HF directory (safetensors shards + index + config)")
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the checkpoint's)"
@@ -84,10 +88,11 @@ def run_hf_to_megatron(args: argparse.Namespace) -> int:
 
 def run_megatron_to_hf(args: argparse.Namespace) -> int:
     from c2f_megatron.checkpoint.convert import convert_megatron_to_hf
+    from c2f_megatron.checkpoint.resolve import resolve_checkpoint
 
     return _guarded(
         lambda: convert_megatron_to_hf(
-            args.megatron_dir,
+            resolve_checkpoint(args.megatron_dir, role="actor", field="--megatron-dir"),
             args.out,
             dtype=args.dtype,
             force=args.force,

@@ -2,6 +2,7 @@
 
 from c2f_megatron.data.chat import ChatFormat, encode_prompts
 from c2f_megatron.data.hh_rlhf import (
+    SKIPPED_RECORDS_FILE,
     HHData,
     HHDataConfig,
     LoadResult,
@@ -50,6 +51,7 @@ __all__ = [
     "MalformedRecord",
     "PreferencePair",
     "PromptFormat",
+    "SKIPPED_RECORDS_FILE",
     "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerInfo",

@@ -127,3 +127,18 @@ def encode_prompts(
         if ids:
             out.append((text, ids))
     return out
+
+
+def last_user_turn(prompt: str) -> str:
+    """The last user message of a rendered prompt (ChatML, also decoded without its special tokens,
+    Mistral ``[INST]`` or HH text), for display."""
+    markers = (
+        ("<|im_start|>user\n", "<|im_end|>"),
+        ("[INST]", "[/INST]"),
+        ("Human:", "Assistant:"),
+        ("\nuser\n", "\nassistant"),
+    )
+    for start, end in markers:
+        if start in prompt:
+            return prompt.rsplit(start, 1)[1].split(end, 1)[0].strip()
+    return prompt.strip()

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,6 +25,9 @@ from c2f_megatron.data.chat import ChatFormat
 from c2f_megatron.data.templates import HH_ASSISTANT, PromptFormat, strip_stop_tokens
 
 logger = logging.getLogger(__name__)
+
+# The run-directory file that lists a job's malformed records.
+SKIPPED_RECORDS_FILE = "skipped_records.txt"
 
 # Reasons a record is malformed (MalformedRecord.reason).
 BAD_JSON = "bad_json"
@@ -228,6 +232,7 @@ def load_hh_rlhf(
     split: str | None = None,
     data_dir: str | None = None,
     max_pairs: int | None = None,
+    skipped_log: str | Path | None = None,
 ) -> LoadResult:
     """Load preference pairs from local files or the Hugging Face hub.
 
@@ -236,7 +241,8 @@ def load_hh_rlhf(
     ``"Anthropic/hh-rlhf"`` (``datasets.load_dataset(name, data_dir=data_dir, split=split)``; ``split=None``
     loads every split), or a list of these, read in order. ``split`` does not apply to an explicit file.
     ``max_pairs`` keeps the first pairs in reading order. Malformed records are reported, not raised;
-    a missing or unreadable file raises with its path.
+    a missing or unreadable file raises with its path. With ``skipped_log`` the full list of malformed
+    records goes to that file and the log gets one line with their count.
     """
     result = LoadResult()
     sources = [source] if isinstance(source, str | Path) else list(source)
@@ -254,8 +260,15 @@ def load_hh_rlhf(
     if max_pairs is not None and len(result.pairs) > max_pairs:
         result.pairs = result.pairs[:max_pairs]
         result.truncated_to = max_pairs
-    if result.malformed:
-        logger.warning("%s", result.report(max_listed=20))
+    if result.malformed and skipped_log is not None:
+        skipped_log = Path(skipped_log)
+        skipped_log.parent.mkdir(parents=True, exist_ok=True)
+        tmp = skipped_log.with_name(f".{skipped_log.name}.tmp.{os.getpid()}")
+        tmp.write_text(result.report(max_listed=len(result.malformed)) + "\n", encoding="utf-8")
+        os.replace(tmp, skipped_log)
+        logger.warning("%s; listed in %s", result.report().split("\n", 1)[0], skipped_log)
+    elif result.malformed:
+        logger.warning("%s", result.report(max_listed=5))
     else:
         logger.info("%s", result.report())
     return result
@@ -333,10 +346,14 @@ class HHData:
     train: list[PreferencePair]
     eval: list[PreferencePair]
     load: LoadResult
+    skipped_log: Path | None = None  # the list of malformed records, when there were any
 
 
-def load_from_config(cfg: HHDataConfig) -> HHData:
-    """Load and split as configured."""
-    result = load_hh_rlhf(cfg.source, split=cfg.split, data_dir=cfg.data_dir, max_pairs=cfg.max_pairs)
+def load_from_config(cfg: HHDataConfig, skipped_log: str | Path | None = None) -> HHData:
+    """Load and split as configured (``skipped_log``: where the list of malformed records goes)."""
+    result = load_hh_rlhf(
+        cfg.source, split=cfg.split, data_dir=cfg.data_dir, max_pairs=cfg.max_pairs, skipped_log=skipped_log
+    )
     train, evals = train_eval_split(result.pairs, cfg.eval_fraction, cfg.seed)
-    return HHData(train, evals, result)
+    written = Path(skipped_log) if (skipped_log is not None and result.malformed) else None
+    return HHData(train, evals, result, written)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from c2f_megatron.config import ConfigError, load_config, to_dict
+from c2f_megatron.config import ConfigError, help_kwargs, load_config, to_dict
 from c2f_megatron.eval.config import EvalConfig
 
 RESPONSES_FILE = "responses.json"
@@ -30,7 +30,12 @@ FLAG_FIELDS = ("checkpoint", "rm", "baseline", "name", "tokenizer", "out_dir")
 
 def register(subparsers: Any) -> None:
     help_text = "evaluate a checkpoint: response metrics, benchmarks, MT-Bench"
-    parser = subparsers.add_parser("eval", help=help_text, description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser(
+        "eval",
+        help=help_text,
+        description=__doc__.split("\n\n")[0],
+        **help_kwargs(EvalConfig),
+    )
     parser.add_argument("config", nargs="?", help="eval YAML (optional: defaults + overrides/flags)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. responses.num_prompts=8")
     parser.add_argument("--checkpoint", help="model: c2f checkpoint, training root or HF directory")
@@ -62,7 +67,8 @@ def main(config_path: str | None, overrides: list[str]) -> int:
         return 2
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
     from c2f_megatron.eval.benchmarks import BenchmarkDataError
-    from c2f_megatron.eval.mt_bench import JudgeAPIError, MTBenchDataError
+    from c2f_megatron.eval.judge_client import JudgeAPIError
+    from c2f_megatron.eval.mt_bench import MTBenchDataError
     from c2f_megatron.platform.distributed import init_distributed
 
     init_distributed(cfg.parallel)
@@ -80,16 +86,11 @@ def main(config_path: str | None, overrides: list[str]) -> int:
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def is_hf_directory(path: Path) -> bool:
-    from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE
-
-    return (path / "config.json").is_file() and not (path / METADATA_FILE).is_file()
-
-
 def prepare_checkpoint(path: str, cfg: EvalConfig, role: str) -> Path:
     """The c2f checkpoint to load for ``path``; an HF directory is converted once under ``out_dir``."""
+    from c2f_megatron.checkpoint.hf_dir import is_hf_directory
     from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE
-    from c2f_megatron.eval.megatron_model import resolve_checkpoint
+    from c2f_megatron.checkpoint.resolve import resolve_checkpoint
 
     p = Path(path)
     if p.is_dir() and is_hf_directory(p):
@@ -119,11 +120,17 @@ class HeldOut:
 
 
 def load_held_out(cfg: EvalConfig, tokenizer: Any) -> HeldOut:
-    from c2f_megatron.data import ChatFormat, encode_prompts, load_from_config, prompts_for_rl
+    from c2f_megatron.data import (
+        SKIPPED_RECORDS_FILE,
+        ChatFormat,
+        encode_prompts,
+        load_from_config,
+        prompts_for_rl,
+    )
     from c2f_megatron.training.tasks.sft import tokenize_pairs
 
     rc = cfg.responses
-    data = load_from_config(rc.hh)
+    data = load_from_config(rc.hh, Path(cfg.out_dir) / SKIPPED_RECORDS_FILE)
     if not data.eval:
         raise ConfigError(f"responses.hh: source {rc.hh.source} gives no held-out pairs (eval_fraction)")
     chat = ChatFormat(rc.hh.prompt_format, tokenizer)
@@ -167,10 +174,11 @@ class PhaseTimer:
 
 
 def _generate(model: Any, held: HeldOut, cfg: EvalConfig) -> list[list[int]]:
+    from c2f_megatron.eval.lm import Sampling
+
     rc = cfg.responses
-    return model.generate_ids(
-        held.prompt_ids, rc.max_new_tokens, rc.greedy, rc.temperature, rc.top_k, rc.top_p
-    )
+    sampling = Sampling(rc.greedy, rc.temperature, rc.top_k, rc.top_p)
+    return model.generate_ids(held.prompt_ids, rc.max_new_tokens, sampling)
 
 
 def _load_baseline_responses(path: Path, held: HeldOut, rm: Path | None) -> dict[str, Any]:
@@ -193,6 +201,7 @@ def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> fl
     """Answers on every rank (the model is sharded), judging on rank 0; the overall 1-10 score."""
     from c2f_megatron.data import ChatFormat
     from c2f_megatron.eval import mt_bench as mt
+    from c2f_megatron.eval.judge_client import JudgeClientConfig, OpenAIChatClient
     from c2f_megatron.eval.protocol import truncate_at_stop
     from c2f_megatron.eval.report import write_atomic
 
@@ -212,8 +221,8 @@ def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> fl
     answers = mt.generate_answers(questions, respond)
     if not rank_zero:
         return None
-    client = mt.OpenAIChatClient(
-        mt.JudgeClientConfig(base_url=base_url, model=mc.resolved_model(), api_key_env=mc.api_key_env)
+    client = OpenAIChatClient(
+        JudgeClientConfig(base_url=base_url, model=mc.resolved_model(), api_key_env=mc.api_key_env)
     )
     judgments = mt.judge_single(
         questions,
@@ -240,6 +249,7 @@ def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> fl
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Run every configured evaluation (all ranks); rank 0 writes the outputs. Returns the table row."""
+    started = time.time()
     from c2f_megatron.data import load_tokenizer
     from c2f_megatron.eval import response_metrics as rm_metrics
     from c2f_megatron.eval.benchmarks import evaluate_benchmark
@@ -258,6 +268,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
     def load_lm(path: str) -> tuple[TokenLM, Path]:
         if cfg.backend == "hf":
+            from c2f_megatron.checkpoint.hf_dir import is_hf_directory
+
             if not is_hf_directory(Path(path)):
                 raise ConfigError(f"backend hf: {path} is not a Hugging Face directory (config.json)")
             return HFLanguageModel(path, tokenizer, cfg.batch_size), Path(path)
@@ -364,5 +376,26 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             write_report(out_dir, "benchmarks", benchmark_rows(bench_results), meta)
         write_atomic(out_dir / "timings.json", json.dumps(timed.seconds, indent=2) + "\n")
         write_report(out_dir, cfg.report_name, [row], meta)
-        print(json.dumps(row, default=str))
+        _summary(name, out_dir, row, doc if held is not None else None, time.time() - started, cfg)
     return row
+
+
+def _summary(name: str, out_dir: Path, row: dict, responses: dict | None, seconds: float, cfg: EvalConfig):
+    """The eval's summary block and ``out_dir/summary.md``: its files, the row's numbers, two responses."""
+    from c2f_megatron.training.summary import RunSummary, Sample
+
+    summary = RunSummary(f"eval {name}", out_dir, seconds, f"{row.get('n_prompts', 0)} prompts")
+    summary.outputs = {
+        "table": str(out_dir / f"{cfg.report_name}.json"),
+        "timings": str(out_dir / "timings.json"),
+    }
+    if responses is not None:
+        summary.outputs["responses"] = str(out_dir / RESPONSES_FILE)
+    summary.outputs["summary"] = str(out_dir / "summary.md")
+    summary.metrics = [(k, None, v) for k, v in row.items() if isinstance(v, int | float) and "/" not in k]
+    for i in range(min(2, len(responses["responses"]) if responses else 0)):
+        summary.samples.append(
+            Sample(f"response {i + 1}", responses["prompts"][i], responses["responses"][i])
+        )
+    summary.write()
+    print(summary.console(), flush=True)

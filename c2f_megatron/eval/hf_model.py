@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from c2f_megatron.data.tokenizer import Tokenizer
-from c2f_megatron.eval.lm import StopStrings, TokenLM, batches
+from c2f_megatron.eval.lm import GREEDY, Sampling, StopStrings, TokenLM, batches
 
 
 class HFLanguageModel(TokenLM):
@@ -47,10 +47,7 @@ class HFLanguageModel(TokenLM):
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        greedy: bool = True,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        sampling: Sampling = GREEDY,
         stop: Sequence[str] = (),
     ) -> list[list[int]]:
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -75,16 +72,24 @@ class HFLanguageModel(TokenLM):
             for j, p in enumerate(batch):
                 ids[j, width - len(p) :] = torch.tensor(p)
                 mask[j, width - len(p) :] = 1
-            sampling = {} if greedy else {"temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+            filters = (
+                {}
+                if sampling.greedy
+                else {
+                    "temperature": sampling.temperature,
+                    "top_k": sampling.top_k or None,
+                    "top_p": sampling.top_p,
+                }
+            )
             generated = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
-                do_sample=not greedy,
+                do_sample=not sampling.greedy,
                 eos_token_id=eos,
                 pad_token_id=pad,
                 stopping_criteria=StoppingCriteriaList([_Stop(width)]) if stop_when else None,
-                **sampling,
+                **filters,
             )[:, width:].tolist()
             for row in generated:
                 response = []

@@ -16,12 +16,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from c2f_megatron.data.tokenizer import Tokenizer
 from c2f_megatron.eval.protocol import truncate_at_stop
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a backend picks each generated token: greedy, or sampled after temperature / top-k / top-p
+    (``top_k`` 0 and ``top_p`` 1.0 turn those filters off)."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+GREEDY = Sampling()
 
 
 def split_request(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -76,10 +91,7 @@ class TokenLM(ABC):
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        greedy: bool = True,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        sampling: Sampling = GREEDY,
         stop: Sequence[str] = (),
     ) -> list[list[int]]:
         """Each prompt's response ids (EOS included when the model stopped)."""

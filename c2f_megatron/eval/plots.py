@@ -1,19 +1,20 @@
-"""PNG plots of a pipeline run: PPO curves, each evaluation metric against gamma, grouped bars.
+"""PNG plots of a pipeline run: each evaluation metric against gamma, grouped bars.
 
 The paper's argument is visual: reward climbs while Continuous Maximization raises the length limit, and
 the merged models trace a path between the partner (gamma 0) and the coarse actor (gamma 1); its Figure 2
 is MMLU by category and its Figure 3 pairwise win rates. matplotlib is imported lazily with the Agg
-backend (no display); files are written to a temp path and renamed.
+backend (no display); files are written to a temp path and renamed. The PPO curves live with the run
+summary every PPO job ends with (``training/summary.py``).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from c2f_megatron.training.summary import pyplot, save_figure
 
 # The table's metric columns worth a panel, with their axis labels.
 GAMMA_METRICS: dict[str, str] = {
@@ -33,74 +34,6 @@ GAMMA_METRICS: dict[str, str] = {
 }
 
 
-def read_metrics_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` (prefix stripped: ``train/reward_mean`` -> ``reward_mean``)."""
-    from c2f_megatron.eval.benchmarks import read_jsonl
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: metrics file not found")
-    return [
-        {key.split("/", 1)[-1]: value for key, value in raw.items()} for raw in read_jsonl(path, ValueError)
-    ]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def plot_ppo_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path) -> Path:
-    """Per PPO iteration, one line per run: the reward model's score, the critic (value) loss and the
-    length limit the rollout used (the CM controller's, or a fixed/step schedule's).
-
-    A resumed run appends to metrics.jsonl; the last record of each step wins."""
-    series = {}
-    for name, history in runs.items():
-        by_step = {int(r["step"]): r for r in history if "reward_mean" in r}
-        if by_step:
-            series[name] = (sorted(by_step), by_step)
-    if not series:
-        raise ValueError(f"no PPO records with reward_mean to plot for {path}")
-    plt = _pyplot()
-    fig, (ax_r, ax_c, ax_l) = plt.subplots(3, 1, figsize=(6.5, 7), sharex=True)
-    for name, (steps, by_step) in series.items():
-        raw = all("reward_raw_mean" in by_step[s] for s in steps)  # the RM's own score, before normalisation
-        ax_r.plot(steps, [by_step[s]["reward_raw_mean" if raw else "reward_mean"] for s in steps], label=name)
-        ax_c.plot(steps, [by_step[s].get("vf_loss", math.nan) for s in steps], label=name)
-        key = "rollout_length_limit" if "rollout_length_limit" in by_step[steps[0]] else "length_limit"
-        ax_l.step(steps, [by_step[s].get(key, math.nan) for s in steps], where="mid", label=name)
-    ax_r.set_ylabel("RM score (mean)")
-    ax_r.set_title("PPO runs")
-    ax_c.set_ylabel("critic loss")
-    ax_l.set_ylabel("length limit (tokens)")
-    ax_l.set_xlabel("PPO iteration")
-    for ax in (ax_r, ax_c, ax_l):
-        ax.grid(alpha=0.3)
-    ax_r.legend(fontsize=8)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
-
-
 def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: str) -> Path:
     """Grouped bars: ``groups[series][category]`` (e.g. MMLU accuracy by category for each model, or
     pairwise win rates), one colour per series."""
@@ -108,7 +41,7 @@ def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabe
     if not series:
         raise ValueError(f"nothing to plot for {path}")
     categories = list(dict.fromkeys(c for k in series for c in groups[k]))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(categories) * max(1, len(series)) / 2), 3.5))
     width = 0.8 / len(series)
     for i, name in enumerate(series):
@@ -122,7 +55,7 @@ def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabe
     ax.legend(fontsize=7)
     fig.tight_layout()
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -139,7 +72,7 @@ def plot_metrics_vs_gamma(rows: Sequence[dict[str, Any]], path: Path, partner: s
     metrics = [k for k in GAMMA_METRICS if any(not math.isnan(_value(r, k)) for r in rows)]
     if not merged or not metrics:
         raise ValueError(f"nothing to plot for {path}: need merged rows with a gamma and metric columns")
-    plt = _pyplot()
+    plt = pyplot()
     cols = 2
     nrows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(10, 2.8 * nrows), squeeze=False)
@@ -157,6 +90,6 @@ def plot_metrics_vs_gamma(rows: Sequence[dict[str, Any]], path: Path, partner: s
         ax.axis("off")
     fig.tight_layout()
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)

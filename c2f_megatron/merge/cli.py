@@ -6,7 +6,8 @@ Three forms, the mode (HF safetensors or c2f megatron checkpoints) detected from
     --a COARSE --b SFT --base BASE --gamma G --out OUT      b + gamma*(a - base)   (task vector)
     --model DIR:W --model DIR:W [...] --out OUT             sum_i W_i * DIR_i      (N-way, weights as given)
 
-``--gamma`` takes ``0.7``, ``0.1:0.9:0.1`` or ``0.3,0.7``; several values write ``OUT/gamma_0.70`` ... from
+An input may also be a training root (``runs/coarse/checkpoints``): its newest complete step, ``actor/`` of a
+PPO step. ``--gamma`` takes ``0.7``, ``0.1:0.9:0.1`` or ``0.3,0.7``; several values write ``OUT/gamma_0.70`` ... from
 one pass over the inputs. Megatron mode runs under torchrun/srun (any number of ranks, a multiple of
 ``--tp * --pp``); each rank reads and writes only its shards. HF mode is one process that never imports
 torch: a C kernel, compiled on first use into ~/.cache/c2f_megatron, merges the chunks
@@ -84,9 +85,21 @@ def build_plan(args: argparse.Namespace) -> tuple[list[Path], list[str], list[Me
     return [args.a, args.b], ["a", "b"], recipes, output_dirs(args.out, gammas)
 
 
+def resolve_input(path: Path, flag: str) -> Path:
+    """An HF directory or a c2f checkpoint as given; a training root resolved to its newest complete step
+    (``actor/`` inside a PPO step), as every command resolves checkpoints."""
+    from c2f_megatron.checkpoint.hf_dir import is_hf_directory
+
+    if not path.is_dir() or (path / METADATA_FILE).is_file() or is_hf_directory(path):
+        return path  # HF mode stays torch-free: the resolver is imported only for a training root
+    from c2f_megatron.checkpoint.resolve import resolve_checkpoint
+
+    return resolve_checkpoint(path, role="actor", field=flag)
+
+
 def detect_mode(paths: list[Path]) -> str:
     """'hf' (config.json + safetensors) or 'megatron' (c2f_checkpoint.json); all inputs must agree."""
-    from c2f_megatron.merge.hf import is_hf_checkpoint
+    from c2f_megatron.checkpoint.hf_dir import is_hf_directory
 
     modes = []
     for p in paths:
@@ -94,7 +107,7 @@ def detect_mode(paths: list[Path]) -> str:
             raise MergeError(f"{p}: checkpoint directory not found")
         if (p / METADATA_FILE).is_file():
             modes.append("megatron")
-        elif is_hf_checkpoint(p):
+        elif is_hf_directory(p):
             modes.append("hf")
         else:
             raise MergeError(
@@ -110,6 +123,8 @@ def detect_mode(paths: list[Path]) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         inputs, roles, recipes, outs = build_plan(args)
+        flags = ["--model"] * len(inputs) if args.model else [f"--{r}" for r in roles]
+        inputs = [resolve_input(p, flag) for p, flag in zip(inputs, flags)]
         mode = detect_mode(inputs)
         if mode == "hf":
             if args.tp != 1 or args.pp != 1:

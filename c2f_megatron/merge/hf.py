@@ -26,12 +26,15 @@ from typing import Any, BinaryIO
 
 from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES
 from c2f_megatron.checkpoint.atomic_dir import commit_output, prepare_output
+from c2f_megatron.checkpoint.hf_dir import (
+    INDEX_FILE,
+    HFCheckpoint,
+    open_hf_checkpoint,
+)
 from c2f_megatron.merge import MergeError, check_outputs_free, provenance
 from c2f_megatron.merge.engine import ITEMSIZE, BufferMerger
 from c2f_megatron.merge.recipe import MergeRecipe
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 PROVENANCE_FILE = "c2f_merge.json"
 # config.json fields that differ between identical architectures (who saved it, and the dtype label).
 CONFIG_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
@@ -47,145 +50,6 @@ IO_CHUNK = 1 << 18
 # Buffer sets in flight: chunks i+1..i+2 are read while chunk i is merged and chunk i-1 written. Two and
 # four measured alike within the noise of shared cores; the third set (1.5 MiB) absorbs a stalled write.
 PIPELINE_DEPTH = 3
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's bytes lie: ``file`` from byte ``begin`` (absolute), ``nbytes`` long."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass
-class HFCheckpoint:
-    """An HF safetensors directory: its config, its shard files in order, and every tensor's location."""
-
-    path: Path
-    config: dict[str, Any]
-    shards: list[str]
-    tensors: dict[str, TensorEntry]
-    index: dict[str, Any] | None
-
-    def shard_tensors(self, shard: str) -> list[TensorEntry]:
-        """The tensors of one shard in file order (so reading is sequential)."""
-        return sorted((t for t in self.tensors.values() if t.file.name == shard), key=lambda t: t.begin)
-
-
-def is_hf_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and (
-        (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
-    )
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise MergeError(f"{path}: file not found") from exc
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{path}: not valid JSON ({exc})") from exc
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data starts; validated."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise MergeError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise MergeError(f"{path}: not a safetensors file (header length {n} invalid)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MergeError(f"{path}: corrupt safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise MergeError(f"{path}: corrupt safetensors header (not an object)")
-    data_start = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            shape = [int(d) for d in info["shape"]]
-            dtype = info["dtype"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MergeError(f"{path}: tensor {name!r}: malformed header entry {info!r}") from exc
-        if data_start + end > size or begin > end:
-            raise MergeError(
-                f"{path}: tensor {name!r}: data offsets {begin}..{end} beyond the file (truncated?)"
-            )
-        numel = 1
-        for d in shape:
-            numel *= d
-        if dtype in ITEMSIZE and end - begin != numel * ITEMSIZE[dtype]:
-            raise MergeError(f"{path}: tensor {name!r}: {end - begin} bytes for shape {shape} {dtype}")
-    return header, data_start
-
-
-def open_hf_checkpoint(path: str | Path) -> HFCheckpoint:
-    """Read config.json, the index (if sharded) and every shard header; nothing is loaded."""
-    path = Path(path)
-    if not path.is_dir():
-        raise MergeError(f"{path}: checkpoint directory not found")
-    config = _read_json(path / "config.json")
-    if not isinstance(config, dict):
-        raise MergeError(f"{path / 'config.json'}: top level must be an object")
-    index = None
-    if (path / INDEX_FILE).is_file():
-        index = _read_json(path / INDEX_FILE)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise MergeError(f"{path / INDEX_FILE}: field 'weight_map' missing or empty")
-        shards = list(dict.fromkeys(weight_map.values()))
-    elif (path / SINGLE_FILE).is_file():
-        weight_map, shards = None, [SINGLE_FILE]
-    else:
-        raise MergeError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (not an HF safetensors checkpoint)")
-    tensors: dict[str, TensorEntry] = {}
-    for shard in shards:
-        file = path / shard
-        if not file.is_file():
-            raise MergeError(f"{path / INDEX_FILE}: shard {shard!r} listed but missing")
-        header, data_start = read_safetensors_header(file)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if name in tensors:
-                raise MergeError(f"{file}: tensor {name!r} also in {tensors[name].file.name}")
-            begin, end = info["data_offsets"]
-            tensors[name] = TensorEntry(
-                name,
-                file,
-                info["dtype"],
-                tuple(int(d) for d in info["shape"]),
-                data_start + begin,
-                end - begin,
-            )
-    if weight_map is not None:
-        for name, shard in weight_map.items():
-            if name not in tensors or tensors[name].file.name != shard:
-                raise MergeError(
-                    f"{path / INDEX_FILE}: weight_map[{name!r}] = {shard!r} but the tensor is not there"
-                )
-        extra = sorted(set(tensors) - set(weight_map))
-        if extra:
-            raise MergeError(f"{path / INDEX_FILE}: tensor {extra[0]!r} is in a shard but not in weight_map")
-    return HFCheckpoint(path, config, shards, tensors, index)
 
 
 def check_compatible(ckpts: Sequence[HFCheckpoint], labels: Sequence[str]) -> None:
@@ -235,7 +99,7 @@ def check_compatible(ckpts: Sequence[HFCheckpoint], labels: Sequence[str]) -> No
             )
 
 
-class ShardWriter:
+class StreamedShardFile:
     """Writes one safetensors file whose header (names, dtypes, shapes, offsets) is known up front, so the
     data can be appended chunk by chunk in header order."""
 
@@ -328,7 +192,7 @@ def merge_hf(
         raise ValueError("one output directory per recipe")
     if dtype is not None and dtype not in DTYPE_TO_ST:
         raise MergeError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_TO_ST)}")
-    ckpts = [open_hf_checkpoint(p) for p in inputs]
+    ckpts = [open_hf_checkpoint(p, MergeError) for p in inputs]
     labels = [f"--{r}" if r in ("a", "b", "base") else r for r in roles]
     check_compatible(ckpts, labels)
     out_paths = [Path(o) for o in outs]
@@ -365,13 +229,13 @@ def _plan(
     records: Sequence[dict[str, Any]],
     out_dt: dict[str, str],
     chunk: int,
-) -> list[tuple[list[ShardWriter], _Chunk]]:
+) -> list[tuple[list[StreamedShardFile], _Chunk]]:
     """Open every output shard (header written) and list the chunks in file order with their writers."""
-    shard_chunks: list[tuple[list[ShardWriter], _Chunk]] = []
+    shard_chunks: list[tuple[list[StreamedShardFile], _Chunk]] = []
     for shard in ref.shards:
         entries = ref.shard_tensors(shard)
         writers = [
-            ShardWriter(
+            StreamedShardFile(
                 tmp / shard,
                 [(t.name, out_dt[t.name], t.shape) for t in entries],
                 {"format": "pt", "c2f_merge": json.dumps(rec, sort_keys=True)},
@@ -420,7 +284,7 @@ def _stream(
             size = ITEMSIZE[src.dtype]
             reader.read_into(src.file, src.begin + c.start * size, buf, c.n * size)
 
-    def write(writers: list[ShardWriter], slot: int, nbytes: int, close: bool) -> None:
+    def write(writers: list[StreamedShardFile], slot: int, nbytes: int, close: bool) -> None:
         for w, buf in zip(writers, slots[slot][1]):
             w.write(memoryview(buf)[:nbytes])
             if close:

@@ -31,8 +31,9 @@ from c2f_megatron.merge.recipe import MergeRecipe
 __all__ = [
     "CHUNK_ELEMENTS",
     "ChunkedMerger",
-    "MergeRecipe",
     "TORCH_DTYPES",
+    "evaluate",
+    "evaluate_into",
     "linear",
     "task_vector",
     "weighted",
@@ -75,6 +76,28 @@ def linear(a: Tensor, b: Tensor, gamma: float) -> Tensor:
 def task_vector(a: Tensor, b: Tensor, base: Tensor, gamma: float) -> Tensor:
     """``b + gamma * (a - base)`` in fp32: add the scaled difference ``a - base`` to ``b``."""
     return b.float() + gamma * (a.float() - base.float())
+
+
+def evaluate(recipe: MergeRecipe, inputs: Sequence[Tensor]) -> Tensor:
+    """The reference evaluation of one recipe (allocating), used by tests and small tensors."""
+    if recipe.kind == "task":
+        return task_vector(inputs[0], inputs[1], inputs[2], recipe.weights[0])
+    return weighted(inputs, recipe.weights)
+
+
+def evaluate_into(recipe: MergeRecipe, out: Tensor, inputs: Sequence[Tensor], tmp: Tensor) -> Tensor:
+    """``evaluate`` into the fp32 ``out`` with fp32 ``inputs`` and scratch ``tmp`` (same shape): no
+    allocation, bitwise equal to ``evaluate``."""
+    if recipe.kind == "task":
+        a, b, base = inputs
+        torch.sub(a, base, out=tmp)
+        tmp.mul_(recipe.weights[0])
+        return torch.add(b, tmp, out=out)
+    torch.mul(inputs[0], recipe.weights[0], out=out)
+    for x, w in zip(inputs[1:], recipe.weights[1:]):
+        torch.mul(x, w, out=tmp)
+        out.add_(tmp)
+    return out
 
 
 def _check_weights(tensors: Sequence[Tensor], weights: Sequence[float]) -> None:
@@ -130,9 +153,9 @@ class ChunkedMerger:
         out, tmp = self._out[:n], self._tmp[:n]
         for recipe, y in zip(self.recipes, outputs):
             if y.dtype == torch.float32:
-                recipe.apply_into(y, ins, tmp)
+                evaluate_into(recipe, y, ins, tmp)
             else:
-                y.copy_(recipe.apply_into(out, ins, tmp))
+                y.copy_(evaluate_into(recipe, out, ins, tmp))
             pin_nans(y)
 
     def merge_buffers(

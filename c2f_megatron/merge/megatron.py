@@ -19,12 +19,15 @@ from pathlib import Path
 import torch
 
 from c2f_megatron.merge import MergeError, check_outputs_free, provenance
-from c2f_megatron.merge.math import ChunkedMerger, MergeRecipe
+from c2f_megatron.merge.math import ChunkedMerger
+from c2f_megatron.merge.recipe import MergeRecipe
 
 
 def check_metadata(inputs: Sequence[Path], labels: Sequence[str], dtype: str | None):
     """Read every ``c2f_checkpoint.json``; refuse differing model config fields, tokenizer or kind."""
-    from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE, read_metadata
+    from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE, CheckpointError, read_metadata
+    from c2f_megatron.checkpoint.resolve import check_tokenizer
+    from c2f_megatron.models.config import RUNTIME_FIELDS
 
     metas = [read_metadata(p) for p in inputs]
     ref = metas[0]
@@ -32,8 +35,8 @@ def check_metadata(inputs: Sequence[Path], labels: Sequence[str], dtype: str | N
         raise MergeError(f"{inputs[0] / METADATA_FILE}: kind {ref.kind!r}; only 'gpt' checkpoints are merged")
     for meta, path, label in zip(metas[1:], inputs[1:], labels[1:]):
         for field in dataclasses.fields(ref.model):
-            if field.name == "params_dtype" and dtype is not None:
-                continue
+            if field.name in RUNTIME_FIELDS or (field.name == "params_dtype" and dtype is not None):
+                continue  # kernels and dropout are run-time choices, not the architecture
             va, vb = getattr(ref.model, field.name), getattr(meta.model, field.name)
             if va != vb:
                 raise MergeError(
@@ -44,11 +47,11 @@ def check_metadata(inputs: Sequence[Path], labels: Sequence[str], dtype: str | N
             raise MergeError(
                 f"{path / METADATA_FILE}: field kind is {meta.kind!r} in {label}, {ref.kind!r} in {labels[0]}"
             )
-        if meta.tokenizer != ref.tokenizer:
-            raise MergeError(
-                f"{path / METADATA_FILE}: field tokenizer differs between {labels[0]} and {label} "
-                f"({ref.tokenizer!r} vs {meta.tokenizer!r}); a different vocabulary is a different model"
-            )
+        try:  # the same vocabulary (where it was recorded from) is the same tokenizer
+            where = f"{path / METADATA_FILE} ({label} vs {labels[0]})"
+            check_tokenizer(meta.tokenizer, ref, where, embedding_rows=False)
+        except CheckpointError as exc:
+            raise MergeError(f"{exc}; a different vocabulary is a different model") from exc
     return metas
 
 
@@ -83,13 +86,10 @@ def merge_megatron(
     pp: int = 1,
 ) -> list[Path]:
     """Write ``outs[k] = recipes[k](inputs)`` at layout TP x PP; call on every rank (torchrun/srun or alone)."""
-    from c2f_megatron.checkpoint.megatron_dir import (
-        CheckpointMetadata,
-        load_model_checkpoint,
-        save_model_checkpoint,
-    )
+    from c2f_megatron.checkpoint.megatron_dir import CheckpointMetadata, save_model_checkpoint
+    from c2f_megatron.engine.role_model import RoleModel
+    from c2f_megatron.engine.weights import load_weights
     from c2f_megatron.models.config import DTYPES
-    from c2f_megatron.models.gpt import build_gpt_model
     from c2f_megatron.platform.distributed import ParallelConfig, init_distributed
 
     inputs = [Path(p) for p in inputs]
@@ -106,26 +106,22 @@ def merge_megatron(
     out_dtype = dtype or ref.model.params_dtype
     try:
         init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-        model = build_gpt_model(
-            dataclasses.replace(ref.model, params_dtype=load_dtype), perform_initialization=False
-        )
+        model_cfg = dataclasses.replace(ref.model, params_dtype=load_dtype)
+        model = RoleModel.build("merge", "gpt", model_cfg, initialize=False).module
     except ValueError as exc:
         raise MergeError(f"cannot merge at --tp {tp} --pp {pp}: {exc}") from exc
 
     kept: list[dict[str, torch.Tensor]] = []
     for path in inputs[:-1]:
-        load_model_checkpoint([model], path)
+        load_weights("gpt", [model], path)
         kept.append({k: v.clone() for k, v in _tensors(model).items()})
-    load_model_checkpoint([model], inputs[-1])
+    load_weights("gpt", [model], inputs[-1])
     last = _tensors(model)
     in_place = len(recipes) == 1 and out_dtype == load_dtype
-    out_model = (
-        model
-        if in_place
-        else build_gpt_model(
-            dataclasses.replace(ref.model, params_dtype=out_dtype), perform_initialization=False
-        )
-    )
+    out_model = model
+    if not in_place:
+        out_cfg = dataclasses.replace(ref.model, params_dtype=out_dtype)
+        out_model = RoleModel.build("merge", "gpt", out_cfg, initialize=False).module
     out_tensors = _tensors(out_model)
     if set(out_tensors) != set(last):
         raise MergeError("internal: output model tensors differ from the input model's")

@@ -1,18 +1,13 @@
 """What one merged output is: a kind ('weighted' or 'task') and its weights, validated.
 
 Kept free of torch (importing it costs ~1.5 s) so that the HF merge, which runs the native kernel, never
-imports it; the torch evaluation lives in ``math`` and is imported only when a tensor is evaluated.
+imports it; the torch evaluation of a recipe is ``math.evaluate``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -35,27 +30,3 @@ class MergeRecipe:
     @property
     def num_inputs(self) -> int:
         return 3 if self.kind == "task" else len(self.weights)
-
-    def apply(self, inputs: Sequence[Tensor]) -> Tensor:
-        """The reference evaluation (allocating), used by tests and small tensors."""
-        from c2f_megatron.merge.math import task_vector, weighted
-
-        if self.kind == "task":
-            return task_vector(inputs[0], inputs[1], inputs[2], self.weights[0])
-        return weighted(inputs, self.weights)
-
-    def apply_into(self, out: Tensor, inputs: Sequence[Tensor], tmp: Tensor) -> Tensor:
-        """Evaluate into the fp32 ``out`` with fp32 ``inputs`` and scratch ``tmp`` (same shape): no allocation,
-        bitwise equal to ``apply``."""
-        import torch
-
-        if self.kind == "task":
-            a, b, base = inputs
-            torch.sub(a, base, out=tmp)
-            tmp.mul_(self.weights[0])
-            return torch.add(b, tmp, out=out)
-        torch.mul(inputs[0], self.weights[0], out=out)
-        for x, w in zip(inputs[1:], self.weights[1:]):
-            torch.mul(x, w, out=tmp)
-            out.add_(tmp)
-        return out

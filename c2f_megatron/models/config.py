@@ -26,6 +26,9 @@ FamilyName = Literal["mistral", "llama"]
 FAMILIES = ("mistral", "llama")
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ModelConfig fields a run may choose when it loads a checkpoint: kernels and regularisation, not the
+# architecture (a checkpoint trained with one layer spec loads and merges with another's).
+RUNTIME_FIELDS = ("layer_spec", "attention_dropout", "hidden_dropout")
 
 
 @dataclass
@@ -217,6 +220,23 @@ def _mistral(**kw: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def _llama3_8b(**kw: Any) -> ModelConfig:
+    base = dict(
+        family="llama",
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rotary_base=500000.0,
+        params_dtype="bf16",
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
 # The 7B presets match the HF configs of mistralai/Mistral-7B-v0.1 / -Instruct-v0.2 / -v0.3.
 PRESETS: dict[str, ModelConfig] = {
     "mistral-7b-v0.1": _mistral(),
@@ -262,31 +282,8 @@ PRESETS: dict[str, ModelConfig] = {
         params_dtype="bf16",
     ),
     # meta-llama/Meta-Llama-3-8B(-Instruct) and Llama-3.1-8B (RoPE scaled by 8).
-    "llama-3-8b": ModelConfig(
-        family="llama",
-        num_layers=32,
-        hidden_size=4096,
-        num_attention_heads=32,
-        num_query_groups=8,
-        ffn_hidden_size=14336,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rotary_base=500000.0,
-        params_dtype="bf16",
-    ),
-    "llama-3.1-8b": ModelConfig(
-        family="llama",
-        num_layers=32,
-        hidden_size=4096,
-        num_attention_heads=32,
-        num_query_groups=8,
-        ffn_hidden_size=14336,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rotary_base=500000.0,
-        rope_scaling_factor=8.0,
-        params_dtype="bf16",
-    ),
+    "llama-3-8b": _llama3_8b(),
+    "llama-3.1-8b": _llama3_8b(max_position_embeddings=131072, rope_scaling_factor=8.0),
     "mistral-nano": ModelConfig(
         num_layers=2,
         hidden_size=64,

@@ -41,6 +41,33 @@ def resolve_layer_spec(name: LayerSpecName) -> str:
     return name
 
 
+_SPEC_KERNELS = {
+    "te": "Transformer Engine's fused attention, norms and linears",
+    "sdpa": "megatron-core's local modules, torch scaled_dot_product_attention, torch RMSNorm",
+    "local": "megatron-core's local modules, its unfused attention, torch RMSNorm",
+}
+
+
+def describe_layer_spec(name: LayerSpecName, resolved: str) -> str:
+    """One line: the spec that runs, why, and what it computes with (instead of megatron's import-time
+    "Transformer Engine / Apex not installed" warnings, which ``c2f_megatron/__init__.py`` silences)."""
+    if name == "auto":
+        why = "auto: Transformer Engine imports" if resolved == "te" else "auto: no Transformer Engine here"
+    else:
+        why = f"model.layer_spec={name}"
+    apex = "" if importlib.util.find_spec("apex") is not None else "; no apex: torch optimizers"
+    return f"layer spec: {resolved} ({why}): {_SPEC_KERNELS[resolved]}{apex}"
+
+
+@functools.cache
+def announce_layer_spec(name: LayerSpecName, resolved: str) -> None:
+    """Print ``describe_layer_spec`` once per process (rank 0), however many models a job builds."""
+    from c2f_megatron.platform.distributed import is_rank_zero
+
+    if is_rank_zero():
+        print(describe_layer_spec(name, resolved), flush=True)
+
+
 @functools.cache
 def _sdpa_attention_class():
     from megatron.core import tensor_parallel
@@ -161,6 +188,7 @@ def get_layer_spec(name: LayerSpecName):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     resolved = resolve_layer_spec(name)
+    announce_layer_spec(name, resolved)
     if resolved == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 

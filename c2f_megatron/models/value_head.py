@@ -11,7 +11,6 @@ tied LM (SmolLM2, Llama-3.2) keeps the LM's embedding as its input layer and get
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,47 +93,3 @@ def gather_last(values: Tensor, index: Tensor) -> Tensor:
     if values.dim() == 3:
         values = values.squeeze(-1)
     return values.gather(1, index.view(-1, 1).to(values.device)).squeeze(1)
-
-
-def load_backbone_checkpoint(model_chunks: list, ckpt_dir: str | Path):
-    """Load a c2f checkpoint into value-model chunks.
-
-    A ``kind: value`` checkpoint loads whole (head included). A ``kind: gpt`` checkpoint (an LM, e.g. the
-    converted base model) loads everything except its vocabulary projection; the head keeps its init.
-    Returns the checkpoint metadata.
-    """
-    from c2f_megatron.checkpoint.megatron_dir import (
-        MODEL_SUBDIR,
-        CheckpointError,
-        load_dist_state,
-        read_metadata,
-        sharded_model_state,
-        unwrap_model,
-    )
-
-    metadata = read_metadata(ckpt_dir)
-    if metadata.kind == "value":
-        from c2f_megatron.checkpoint.megatron_dir import load_model_checkpoint
-
-        return load_model_checkpoint(model_chunks, ckpt_dir)
-    if metadata.kind != "gpt":
-        raise CheckpointError(f"{ckpt_dir}: field 'kind' is {metadata.kind!r}, expected 'gpt' or 'value'")
-    state = sharded_model_state(model_chunks)
-    heads = []
-    for i, _ in enumerate(model_chunks):
-        sub = state if len(model_chunks) == 1 else state[f"model{i}"]
-        for key in [k for k in sub if k.startswith("output_layer.")]:
-            sub.pop(key)
-            heads.append(key)
-    loaded = load_dist_state(state, Path(ckpt_dir) / MODEL_SUBDIR)
-    for i, chunk in enumerate(model_chunks):
-        sub = loaded if len(model_chunks) == 1 else loaded[f"model{i}"]
-        result = unwrap_model(chunk).load_state_dict(sub, strict=False)
-        missing = [
-            k
-            for k in result.missing_keys
-            if not k.startswith("output_layer.") and not k.endswith("_extra_state")
-        ]
-        if missing:
-            raise CheckpointError(f"{ckpt_dir}: backbone weights missing from the checkpoint: {missing[:8]}")
-    return metadata

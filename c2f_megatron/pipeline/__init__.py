@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
-from c2f_megatron.config import ConfigError, load_config, to_dict
+from c2f_megatron.config import ConfigError, help_kwargs, load_config, to_dict
 from c2f_megatron.pipeline.config import PipelineConfig
+from c2f_megatron.pipeline.report import run_summary
 from c2f_megatron.pipeline.stages import MARKER, Pipeline, StageFailed
 
 __all__ = ["MARKER", "Pipeline", "PipelineConfig", "StageFailed", "main", "register"]
@@ -25,7 +27,12 @@ __all__ = ["MARKER", "Pipeline", "PipelineConfig", "StageFailed", "main", "regis
 
 def register(subparsers: Any) -> None:
     help_text = "the whole C2F recipe end to end, resumable stage by stage"
-    parser = subparsers.add_parser("pipeline", help=help_text, description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser(
+        "pipeline",
+        help=help_text,
+        description=__doc__.split("\n\n")[0],
+        **help_kwargs(PipelineConfig),
+    )
     parser.add_argument("config", help="pipeline YAML (see examples/pipeline_*.yaml)")
     parser.add_argument(
         "overrides", nargs="*", help="key.path=value overrides, e.g. coarse.job.ppo.iterations=4"
@@ -42,10 +49,13 @@ def main(config_path: str, overrides: list[str]) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"c2f pipeline: {exc}", file=sys.stderr)
         return 2
+    start = time.time()
     try:
         report = pipeline.run()
+        summary = run_summary(pipeline, time.time() - start, report)
     except StageFailed as exc:
         print(f"c2f pipeline: {exc}\nrerun the same command to resume at this stage", file=sys.stderr)
         return 1
-    print(f"report: {report}")
+    summary.write()
+    print(summary.console(), flush=True)
     return 0

@@ -73,9 +73,12 @@ class MergeSection:
 @dataclass
 class ReportSection:
     """``pairs``: RM win rates between two rows of the table on the same prompts (``[a, b]``: how often a's
-    response outscores b's), as in the paper's Figure 3."""
+    response outscores b's), as in the paper's Figure 3. ``before_after``: two rows (e.g. ``[instruct,
+    gamma_0.70]``) whose metrics and first ``samples`` answers the run's summary sets side by side."""
 
     pairs: list[list[str]] = field(default_factory=list)
+    before_after: list[str] = field(default_factory=list)
+    samples: int = 3
 
 
 @dataclass
@@ -116,3 +119,7 @@ class PipelineConfig:
         for pair in self.report.pairs:
             if len(pair) != 2:
                 raise ValueError(f"report.pairs: {pair!r} must name two rows")
+        if self.report.before_after and len(self.report.before_after) != 2:
+            raise ValueError(f"report.before_after: {self.report.before_after!r} must name two rows")
+        if self.report.samples < 0:
+            raise ValueError(f"report.samples must be >= 0, got {self.report.samples}")

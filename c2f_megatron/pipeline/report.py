@@ -18,6 +18,7 @@ from c2f_megatron.pipeline.stages import StageFailed, gamma_of, write_atomic
 
 if TYPE_CHECKING:
     from c2f_megatron.pipeline.stages import Pipeline
+    from c2f_megatron.training.summary import RunSummary
 
 RESPONSES = "responses.json"
 
@@ -56,7 +57,7 @@ def reward_model_accuracy(p: Pipeline) -> dict[str, Any]:
 
 
 def _ppo_histories(p: Pipeline) -> dict[str, list[dict[str, Any]]]:
-    from c2f_megatron.eval.plots import read_metrics_jsonl
+    from c2f_megatron.training.summary import read_metrics_jsonl
 
     runs = {}
     for name in ("coarse", *(v.name for v in p.cfg.variants)):
@@ -75,8 +76,9 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def write_pipeline_report(p: Pipeline) -> Path:
     """Write every report file; returns the report directory."""
-    from c2f_megatron.eval.plots import plot_bars, plot_metrics_vs_gamma, plot_ppo_curves
+    from c2f_megatron.eval.plots import plot_bars, plot_metrics_vs_gamma
     from c2f_megatron.eval.report import RunMetadata, write_report
+    from c2f_megatron.training.summary import plot_ppo_curves
 
     out = p.run_dir / "report"
     rows = _rows(p)
@@ -144,6 +146,46 @@ def write_pipeline_report(p: Pipeline) -> Path:
     lines += ["## Plots", ""] + [f"![{q.stem}]({q.name})" for q in plots] + [""]
     write_atomic(out / "summary.md", "\n".join(lines))
     return out
+
+
+def run_summary(p: Pipeline, seconds: float, report: Path) -> RunSummary:
+    """The run's summary block (also ``run_dir/summary.md``): stages and outputs, the Coarse Actor's first
+    and last iteration, and the ``report.before_after`` rows' metrics and first answers side by side."""
+    from c2f_megatron.data.chat import last_user_turn
+    from c2f_megatron.training.summary import RunSummary, Sample, read_metrics_jsonl, start_end
+
+    ran = f"{len(p.ran)} stage(s) run" + (f", {len(p.skipped)} done earlier" if p.skipped else "")
+    summary = RunSummary("pipeline", p.run_dir, seconds, ran, columns=("start/before", "end/after"))
+    summary.outputs = {"report": str(report / "summary.md"), "summary": str(p.run_dir / "summary.md")}
+    for name in ("base", "rm", "coarse", "merge"):
+        if name in p.outputs:
+            summary.outputs[name] = str(p.outputs[name])
+    summary.outputs["stage logs"] = str(p.run_dir / "*" / "stage.log")
+    summary.outputs["stage times"] = ", ".join(f"{k} {v:.0f} s" for k, v in p.seconds.items())
+    coarse = p.stage_dir_of("coarse") / "metrics.jsonl"
+    if coarse.is_file():
+        keys = ("reward_raw_mean", "vf_loss", "response_length_mean", "rollout_length_limit")
+        rows = start_end(read_metrics_jsonl(coarse, "train"), keys)
+        summary.metrics += [(f"coarse {k} (first -> last iteration)", a, b) for k, a, b in rows]
+    if p.cfg.report.before_after:
+        before, after = p.cfg.report.before_after
+        docs = {}
+        for name in (before, after):
+            doc = json.loads((p.stage_dir_of(f"eval/{name}") / "eval.json").read_text())
+            docs[name] = json.loads((p.stage_dir_of(f"eval/{name}") / RESPONSES).read_text())
+            docs[name]["row"] = doc["rows"][0]
+        for key in ("reward_mean", "length_mean", "eos_fraction", "redundancy", "win_rate"):
+            a, b = (docs[n]["row"].get(key) for n in (before, after))
+            if isinstance(a, int | float) or isinstance(b, int | float):
+                summary.metrics.append((f"{key} ({before} -> {after})", a, b))
+        for i in range(min(p.cfg.report.samples, len(docs[before]["prompts"]))):
+            prompt = last_user_turn(docs[before]["prompts"][i])
+            for j, name in enumerate((before, after)):
+                d = docs[name]
+                score = f", RM {d['rewards'][i]:.2f}" if d.get("rewards") else ""
+                title = f"prompt {i + 1}, {name} ({len(d['response_ids'][i])} tokens{score})"
+                summary.samples.append(Sample(title, prompt if j == 0 else "", d["responses"][i]))
+    return summary
 
 
 def _fmt(value: Any) -> str:

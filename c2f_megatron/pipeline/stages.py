@@ -63,14 +63,28 @@ def c2f_command(args: list[str], nproc: int) -> list[str]:
     ]
 
 
+# Lines of a stage's output the pipeline's console repeats: the jobs' compact progress lines.
+_PROGRESS = re.compile(r"^(step|iter) +\d+/\d+ \|")
+
+
 def subprocess_runner(args: list[str], nproc: int, log_path: Path) -> None:
-    """Run one stage command with its output appended to ``log_path``; raise ``StageFailed`` on failure."""
+    """Run one stage command with its output appended to ``log_path`` (progress lines also shown on the
+    console, indented); raise ``StageFailed`` on failure."""
     cmd = c2f_command(args, nproc)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy(), text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if _PROGRESS.match(line):
+                print(f"    {line.rstrip()}", flush=True)
+        rc = proc.wait()
     if rc != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise StageFailed(f"command `c2f {' '.join(args)}` exited {rc}; log {log_path}:\n" + "\n".join(tail))
@@ -101,7 +115,7 @@ def gamma_of(name: str) -> float | None:
 
 def last_length_limit(metrics_path: Path) -> int:
     """The length limit a PPO run ended with (its last record's next-iteration limit)."""
-    from c2f_megatron.eval.plots import read_metrics_jsonl
+    from c2f_megatron.training.summary import read_metrics_jsonl
 
     records = [r for r in read_metrics_jsonl(metrics_path) if "length_limit" in r]
     if not records:
@@ -238,11 +252,13 @@ class Pipeline:
             except ValueError as exc:
                 raise ConfigError(f"pipeline config merge.{field}: {exc}") from exc
         rows = [name for name, _ in self.eval_models()]
-        for pair in self.cfg.report.pairs:
-            for name in pair:
+        for where, names in [("pairs", n) for n in self.cfg.report.pairs] + [
+            ("before_after", self.cfg.report.before_after)
+        ]:
+            for name in names:
                 if name not in rows:
                     raise ConfigError(
-                        f"pipeline config report.pairs: {name!r} is not a row ({', '.join(rows)})"
+                        f"pipeline config report.{where}: {name!r} is not a row ({', '.join(rows)})"
                     )
 
     # ----------------------------------------------------------------------------------------- stages
@@ -265,7 +281,7 @@ class Pipeline:
         return self.stage_dir(name)
 
     def _latest(self, name: str, role: str | None = None) -> Path:
-        from c2f_megatron.training.checkpointing import latest_checkpoint
+        from c2f_megatron.checkpoint.steps import latest_checkpoint
 
         root = self.stage_dir(name) / "checkpoints"
         latest = latest_checkpoint(root)
@@ -284,8 +300,8 @@ class Pipeline:
     def _pretrained(self, spec: str) -> Path:
         """A c2f checkpoint as it is; anything else converted once into ``base/``: a GGUF file to HF, a
         hub id downloaded, then HF to Megatron."""
-        from c2f_megatron.eval.cli import is_hf_directory
-        from c2f_megatron.eval.megatron_model import resolve_checkpoint
+        from c2f_megatron.checkpoint.hf_dir import is_hf_directory
+        from c2f_megatron.checkpoint.resolve import resolve_checkpoint
 
         log = self.stage_dir("base") / "stage.log"
         path = Path(spec).expanduser()

@@ -1,4 +1,6 @@
-"""Where the code runs: device and backend choice, distributed init, and megatron-core's CPU redirections."""
+"""Where the code runs: device and backend choice, distributed init (which applies both patch sets to
+megatron-core: ``megatron_cpu``'s CUDA redirections and ``adam_fallback``'s optimizer fixes, sharing
+``patching``), and a role's own process groups (``role_layout``)."""
 
 from c2f_megatron.platform.distributed import (
     LaunchEnv,

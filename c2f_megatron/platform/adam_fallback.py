@@ -6,7 +6,7 @@ when neither is installed (every CPU machine, and any GPU machine without TE/ape
 group; torch Adam keeps a 0-dim ``step`` tensor in every parameter's state and creates that state lazily at
 the first ``optimizer.step()``. megatron's checkpoint code for this fallback gets both facts wrong (items
 11-13 of ``shared/docs/megatron-core-0.16.1-on-cpu.md``). Three asserted source rewrites (see
-``megatron_cpu.rewrite_function``: a megatron upgrade fails loudly instead of running unfixed code) fix it,
+``patching.rewrite_function``: a megatron upgrade fails loudly instead of running unfixed code) fix it,
 and one wrapper makes the 'dp_reshardable' load work with fp32 parameters:
 
 ``empty_state`` (item 11) - ``DistributedOptimizer.state_dict``:
@@ -64,7 +64,7 @@ from collections.abc import Callable
 
 import torch
 
-from c2f_megatron.platform.megatron_cpu import check_megatron_version, rewrite_function
+from c2f_megatron.platform.patching import check_megatron_version, rewrite_function
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,21 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from c2f_megatron.platform import megatron_cpu
+from c2f_megatron.platform.adam_fallback import apply as apply_adam_fallback
+from c2f_megatron.platform.megatron_cpu import apply as apply_cpu_redirections
+
+# The changes to megatron-core this process needs, by name: the CPU redirections (nothing on a GPU), and
+# the torch-Adam fallback fixes of the distributed optimizer (any machine without TE / apex FusedAdam).
+PATCH_SETS: dict[str, Any] = {
+    "megatron_cpu": lambda cuda: apply_cpu_redirections(cpu=not cuda),
+    "adam_fallback": lambda cuda: apply_adam_fallback(),
+}
 
 
 @dataclass
@@ -128,7 +137,8 @@ def init_distributed(parallel: ParallelConfig, timeout_minutes: int = 30) -> Lau
 
     launch = read_launch_env()
     cuda = use_cuda()
-    megatron_cpu.apply(cpu=not cuda)
+    for patch_set in PATCH_SETS.values():
+        patch_set(cuda)
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if launch.world_size % (tp * pp) != 0:
         raise ValueError(

@@ -6,8 +6,9 @@ site-packages. Every redirection names the megatron place it fixes, and ``tests/
 holds a test per redirection that fails without it. The measured list lives in
 ``shared/docs/megatron-core-0.16.1-on-cpu.md``; numbers below refer to that list.
 
-On a CUDA machine ``apply()`` installs only the fixes that are needed there too (the torch-Adam fallback
-of the distributed optimizer, items 11-13, is taken on any GPU without Transformer Engine or apex).
+On a CUDA machine ``apply()`` changes nothing; the torch-Adam fallback of the distributed optimizer (items
+11-13, taken on any GPU without Transformer Engine or apex) is ``adam_fallback``'s, and
+``distributed.init_distributed`` applies both sets.
 
 Kinds of redirection used, narrowest first:
 - *module torch proxy*: a module's global ``torch`` is replaced by a proxy whose tensor factories map
@@ -24,9 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import logging
-import textwrap
 import time
 import types
 from collections.abc import Callable
@@ -34,9 +33,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from c2f_megatron.platform.patching import check_megatron_version, rewrite_function
 
-MEGATRON_CORE_VERSION = "0.16.1"
+logger = logging.getLogger(__name__)
 
 _APPLIED: set[str] = set()
 
@@ -117,48 +116,6 @@ class WallClockEvent:
         if self._t is None or end._t is None:
             raise RuntimeError("WallClockEvent.elapsed_time called before both events were recorded")
         return (end._t - self._t) * 1000.0
-
-
-def rewrite_function(owner: Any, name: str, replacements: dict[str, str]) -> None:
-    """Recompile ``owner.name`` from its own source with exact string replacements.
-
-    Each replacement must occur in the source; otherwise the installed megatron is not the one this
-    module was written for and we raise instead of running unpatched code.
-    """
-    raw = inspect.getattr_static(owner, name)
-    is_static = isinstance(raw, staticmethod)
-    is_class = isinstance(raw, classmethod)
-    func = raw.__func__ if (is_static or is_class) else raw
-    source = textwrap.dedent(inspect.getsource(func))
-    for old, new in replacements.items():
-        if old not in source:
-            raise RuntimeError(
-                f"c2f_megatron.platform.megatron_cpu: expected text {old!r} not found in "
-                f"{func.__module__}.{func.__qualname__}; megatron-core {MEGATRON_CORE_VERSION} is required"
-            )
-        source = source.replace(old, new)
-    # Decorators (@staticmethod, @classmethod) are re-applied below, not executed from the source.
-    lines = source.splitlines()
-    while lines and lines[0].lstrip().startswith("@"):
-        lines.pop(0)
-    source = "\n".join(lines) + "\n"
-    module = importlib.import_module(func.__module__)
-    # Compiled inside a factory that binds ``__class__``, so zero-argument ``super()`` keeps working.
-    factory_src = "def _c2f_factory(__class__):\n" + textwrap.indent(source, "    ")
-    factory_src += f"    return {func.__name__}\n"
-    namespace: dict[str, Any] = {}
-    code = compile(
-        factory_src, filename=f"<c2f rewrite of {func.__module__}.{func.__qualname__}>", mode="exec"
-    )
-    exec(code, module.__dict__, namespace)  # noqa: S102 - megatron's own source, rewritten as asserted above
-    new_func = namespace["_c2f_factory"](owner if isinstance(owner, type) else None)
-    new_func.__qualname__ = func.__qualname__
-    new_func.__c2f_rewritten__ = True
-    if is_static:
-        new_func = staticmethod(new_func)
-    elif is_class:
-        new_func = classmethod(new_func)
-    setattr(owner, name, new_func)
 
 
 # --------------------------------------------------------------------------------------------- items
@@ -287,21 +244,11 @@ CPU_REDIRECTS: dict[str, Callable[[], None]] = {
 }
 
 
-def check_megatron_version() -> None:
-    from megatron.core import package_info
-
-    if package_info.__version__ != MEGATRON_CORE_VERSION:
-        raise RuntimeError(
-            f"c2f-megatron's platform layer is written for megatron-core=={MEGATRON_CORE_VERSION}, "
-            f"found {package_info.__version__}; install the pinned version"
-        )
-
-
 def apply(cpu: bool | None = None, only: tuple[str, ...] | None = None) -> list[str]:
-    """Install the redirections for this process (idempotent). Returns the names applied now.
+    """Install the CPU redirections for this process (idempotent). Returns the names applied now.
 
-    ``cpu`` defaults to ``not torch.cuda.is_available()``. ``only`` restricts to some names (tests use it
-    to show that each redirection is needed).
+    ``cpu`` defaults to ``not torch.cuda.is_available()``; on a CUDA machine nothing is redirected.
+    ``only`` restricts to some names (tests use it to show that each redirection is needed).
     """
     if cpu is None:
         cpu = not torch.cuda.is_available()
@@ -314,13 +261,6 @@ def apply(cpu: bool | None = None, only: tuple[str, ...] | None = None) -> list[
                 fix()
                 _APPLIED.add(name)
                 applied.append(name)
-    if (only is None or "adam_fallback" in only) and "adam_fallback" not in _APPLIED:
-        # Items 11-13 (+ the fp32 dp_reshardable load): on CPU and on any GPU without TE / apex FusedAdam.
-        from c2f_megatron.platform import adam_fallback  # it imports this module: no top-level import
-
-        if adam_fallback.apply():
-            applied.append("adam_fallback")
-        _APPLIED.add("adam_fallback")
     if applied:
         logger.debug("megatron CPU redirections applied: %s", ", ".join(applied))
     return applied

@@ -11,15 +11,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from c2f_megatron.config import ConfigError, dump_config, load_config
+from c2f_megatron.config import ConfigError, dump_config, help_kwargs, load_config, to_dict
 
 
 def register(subparsers: Any) -> None:
+    from c2f_megatron.rl.config import PPOJobConfig
+    from c2f_megatron.training.cli import add_verbose_flag, with_verbose
+
     help_text = "Coarse Actor: PPO with the Continuous Maximization length limit"
-    parser = subparsers.add_parser("coarse-actor", help=help_text, description=help_text)
+    parser = subparsers.add_parser(
+        "coarse-actor",
+        help=help_text,
+        description=help_text,
+        **help_kwargs(PPOJobConfig),
+    )
     parser.add_argument("config", help="job YAML (see examples/coarse_actor_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. ppo.iterations=10")
-    parser.set_defaults(func=lambda args: main(args.config, args.overrides))
+    add_verbose_flag(parser)
+    parser.set_defaults(func=lambda args: main(args.config, with_verbose(args)))
 
 
 def main(config_path: str | None, overrides: list[str]) -> int:
@@ -33,14 +42,13 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
     from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
     from c2f_megatron.rl.ppo_trainer import run
-    from c2f_megatron.training.trainer import job_dump
 
     init_distributed(cfg.parallel)
     if is_rank_zero():
         Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
         dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     try:
-        run(cfg, config_dump=job_dump(cfg))
+        run(cfg, config_dump=to_dict(cfg))
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         # configuration problems found once the world size is known (e.g. batch sizes per DP rank)
         print(f"c2f coarse-actor: {exc}", file=sys.stderr)

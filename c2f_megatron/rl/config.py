@@ -17,10 +17,11 @@ from typing import Literal
 
 from c2f_megatron.data.hh_rlhf import HHDataConfig
 from c2f_megatron.data.templates import COARSE_ACTOR_SYSTEM_PROMPT
+from c2f_megatron.engine.config import OptimConfig
 from c2f_megatron.platform.distributed import ParallelConfig
 from c2f_megatron.rl.kl_control import KLControlConfig
 from c2f_megatron.rl.length_control import LengthControlConfig
-from c2f_megatron.training.config import LoggingConfig, ModelSection, OptimConfig
+from c2f_megatron.training.config import LoggingConfig, ModelSection
 
 
 @dataclass
@@ -91,8 +92,7 @@ class RewardSection:
     parallel: RoleParallel = field(default_factory=RoleParallel)
 
     def __post_init__(self) -> None:
-        if self.kind == "model" and not self.path:
-            raise ValueError("reward.path is required when reward.kind is 'model'")
+        # ``path`` is checked when the roles are built: a config may name it in an override later
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"reward.clip must be > 0 or null, got {self.clip}")
 
@@ -116,9 +116,13 @@ class PPOConfig:
     critic_warmup_iterations: int = 0  # iterations that update only the critic
     kl_estimator: Literal["k1", "k3"] = "k3"
     seed: int = 0  # rollout sampling, minibatch shuffling and prompt order
+    max_consecutive_nonfinite: int = 3  # iterations in a row with a skipped (non-finite) update: stop
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "epochs"):
+        for name in (
+            "iterations", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "epochs",
+            "max_consecutive_nonfinite",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
         if self.rollout_batch_size % self.mini_batch_size:
@@ -205,7 +209,7 @@ class PPOJobConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    reward: RewardSection = field(default_factory=lambda: RewardSection(kind="token_frequency"))
+    reward: RewardSection = field(default_factory=RewardSection)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kl: KLControlConfig = field(default_factory=KLControlConfig)
     length: LengthControlConfig = field(default_factory=LengthControlConfig)

@@ -249,23 +249,3 @@ def value_loss(
             "explained_var": explained_variance(v.detach(), r, mask),
         }
     return loss, stats
-
-
-# ------------------------------------------------------------------------------------------------ logits
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[label]`` as ``logit[label] - logsumexp(logits)`` in fp32 (one full-vocab tensor).
-
-    ``logits`` is ``[..., vocab]`` on one device (no tensor-parallel vocab shards), ``labels`` ``[...]``.
-    """
-    logits = logits.float()
-    picked = torch.gather(logits, -1, labels.long().unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the last dim, ``logsumexp(z) - sum(p * z)``, in fp32."""
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)

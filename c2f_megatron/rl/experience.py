@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from c2f_megatron.engine.rows import gather_rows
+from c2f_megatron.generation.rollout import RolloutBatch, padded_causal_mask
 from c2f_megatron.platform.role_layout import RoleLayout
 from c2f_megatron.rl import core_algos
-from c2f_megatron.rl.rollout import RolloutBatch, padded_causal_mask
 
 
 @dataclass
@@ -94,18 +95,6 @@ class Experience:
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
             raise ValueError(f"experience is missing {missing}; run the workers that fill them first")
-
-
-def gather_rows(local: Tensor, layout: RoleLayout) -> Tensor:
-    """Concatenate every data-parallel rank's rows of ``layout`` in rank order (identity without DP)."""
-    if layout.dp == 1:
-        return local
-    flag = local.dtype == torch.bool  # gloo has no bool all_gather
-    x = local.to(torch.uint8) if flag else local
-    parts = [torch.empty_like(x) for _ in range(layout.dp)]
-    torch.distributed.all_gather(parts, x.contiguous(), group=layout.dp_group)
-    out = torch.cat(parts)
-    return out.bool() if flag else out
 
 
 def _pad(x: Tensor, left: int, right: int, value: float | int | bool) -> Tensor:

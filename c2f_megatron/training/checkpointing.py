@@ -42,11 +42,14 @@ from c2f_megatron.checkpoint.megatron_dir import (
     save_dist_state,
     sharded_model_state,
 )
+from c2f_megatron.checkpoint.steps import (
+    TRAINER_STATE_FILE,
+    list_checkpoints,
+    step_dir,
+)
 
 logger = logging.getLogger(__name__)
 
-STEP_DIR = re.compile(r"^step_(\d{7,})$")
-TRAINER_STATE_FILE = "trainer_state.json"
 OPTIMIZER_SUBDIR = "optimizer"
 RNG_SUBDIR = "rng"
 
@@ -75,10 +78,6 @@ class TrainerState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def step_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step_{step:07d}"
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -90,37 +89,6 @@ def _world() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def is_complete(path: Path) -> bool:
-    """A renamed step directory with trainer state and, for every model in it, its c2f metadata."""
-    if not STEP_DIR.match(path.name) or not (path / TRAINER_STATE_FILE).is_file():
-        return False
-    try:
-        state = json.loads((path / TRAINER_STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    names = state.get("models", [""])
-    return all((path / name / METADATA_FILE).is_file() for name in names)
-
-
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete step checkpoints under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and child.is_dir() and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete step directory, or None; ``.partial`` or half-written steps are skipped."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
 
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
@@ -245,7 +213,7 @@ def _check_optimizer_resumable(optimizer: Any) -> None:
 
     megatron-core 0.16.1's DistributedOptimizer on the torch-Adam fallback (no Transformer Engine, no apex:
     every CPU and some GPUs) restores Adam's state incorrectly unless ``platform.adam_fallback`` is applied
-    (``megatron_cpu.apply`` / ``init_distributed`` do it; items 11-13 of the CPU notes).
+    (``init_distributed`` does it; items 11-13 of the CPU notes).
     """
     if optimizer is None:
         return

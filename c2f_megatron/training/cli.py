@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from c2f_megatron.config import ConfigError, dump_config, load_config
+from c2f_megatron.config import ConfigError, dump_config, help_kwargs, load_config, to_dict
 
 JOBS: dict[str, tuple[str, str, str]] = {
     # command: (module, job config class, help)
@@ -32,18 +32,38 @@ JOBS: dict[str, tuple[str, str, str]] = {
 
 
 def register(subparsers: Any) -> None:
-    for command, (_, _, help_text) in JOBS.items():
-        parser = subparsers.add_parser(command, help=help_text, description=help_text)
+    import importlib
+
+    selected = next((a for a in sys.argv[1:] if a in JOBS), None)
+    for command, (module_name, class_name, help_text) in JOBS.items():
+        extra = {}
+        if command == selected:  # the config fields of the command asked for (its module imports torch)
+            extra = help_kwargs(getattr(importlib.import_module(module_name), class_name))
+        parser = subparsers.add_parser(command, help=help_text, description=help_text, **extra)
         parser.add_argument("config", help="job YAML (see examples/)")
         parser.add_argument(
             "overrides", nargs="*", help="key.path=value overrides, e.g. train.train_steps=10"
         )
+        add_verbose_flag(parser)
         parser.set_defaults(func=_runner(command))
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="every metric on each progress line (= logging.verbose=true; metrics.jsonl always has them)",
+    )
+
+
+def with_verbose(args: argparse.Namespace) -> list[str]:
+    """The overrides, plus ``logging.verbose=true`` under ``--verbose``."""
+    return [*args.overrides, "logging.verbose=true"] if args.verbose else list(args.overrides)
 
 
 def _runner(command: str) -> Callable[[argparse.Namespace], int]:
     def run_command(args: argparse.Namespace) -> int:
-        return main(command, args.config, args.overrides)
+        return main(command, args.config, with_verbose(args))
 
     return run_command
 
@@ -60,7 +80,8 @@ def main(command: str, config_path: str | None, overrides: list[str]) -> int:
         return 2
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
     from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
-    from c2f_megatron.training.trainer import NonFiniteLossError, job_dump, run
+    from c2f_megatron.training.run_loop import NonFiniteLossError
+    from c2f_megatron.training.trainer import run
 
     init_distributed(cfg.parallel)
     try:  # input problems (data files, tokenizer, checkpoints, config values): one line, no traceback
@@ -72,7 +93,7 @@ def main(command: str, config_path: str | None, overrides: list[str]) -> int:
         Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
         dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     try:
-        run(cfg, task, config_dump=job_dump(cfg))
+        run(cfg, task, config_dump=to_dict(cfg))
     except CheckpointError as exc:
         print(f"c2f {command}: {exc}", file=sys.stderr)
         return 2

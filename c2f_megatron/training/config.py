@@ -10,36 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from c2f_megatron.models.config import ModelConfig, get_preset
+from c2f_megatron.engine.config import OptimConfig
+from c2f_megatron.models.config import RUNTIME_FIELDS, ModelConfig, get_preset
 from c2f_megatron.platform.distributed import ParallelConfig
-
-
-@dataclass
-class OptimConfig:
-    """Adam/AdamW through ``get_megatron_optimizer`` and the LR schedule of ``OptimizerParamScheduler``."""
-
-    optimizer: Literal["adam", "sgd"] = "adam"  # megatron's "adam" is AdamW (decoupled weight decay)
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 disables clipping (the grad norm is still computed and logged)
-    warmup_steps: int = 0
-    decay_style: Literal["constant", "linear", "cosine", "inverse-square-root"] = "cosine"
-    decay_steps: int | None = None  # default: train.train_steps
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-
-    def __post_init__(self) -> None:
-        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ValueError("overlap_param_gather needs use_distributed_optimizer: true")
 
 
 @dataclass
@@ -100,7 +73,8 @@ class LoggingConfig:
     wandb_project: str = "c2f-megatron"
     wandb_entity: str | None = None
     run_name: str | None = None
-    run_dir: str = "runs/default"  # metrics.jsonl, resolved config, wandb files
+    run_dir: str = "runs/default"  # metrics.jsonl, resolved config, summary.md, wandb files
+    verbose: bool = False  # every metric on each console progress line (``--verbose``), not the key ones
 
 
 @dataclass
@@ -114,8 +88,6 @@ class ModelSection:
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    RUNTIME_FIELDS = ("layer_spec", "attention_dropout", "hidden_dropout")
-
     def resolve(self, from_checkpoint: ModelConfig | None = None) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - known)
@@ -125,12 +97,12 @@ class ModelSection:
             fixed = sorted(
                 k
                 for k, v in self.overrides.items()
-                if k not in self.RUNTIME_FIELDS and getattr(from_checkpoint, k) != v
+                if k not in RUNTIME_FIELDS and getattr(from_checkpoint, k) != v
             )
             if fixed:
                 raise ValueError(
                     f"model.overrides {fixed} differ from the checkpoint's architecture; only "
-                    f"{list(self.RUNTIME_FIELDS)} may change when starting from a checkpoint"
+                    f"{list(RUNTIME_FIELDS)} may change when starting from a checkpoint"
                 )
             return dataclasses.replace(from_checkpoint, **self.overrides)
         if self.preset is not None:

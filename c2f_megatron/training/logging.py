@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +29,26 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def format_value(value: Any) -> str:
+def format_value(value: Any, short: bool = False) -> str:
+    """Floats with four decimals (``short``: four significant digits, the compact console line's)."""
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.3e}"
-        return f"{value:.4f}"
+            return f"{value:.2e}" if short else f"{value:.3e}"
+        return f"{value:.4g}" if short else f"{value:.4f}"
     return str(value)
+
+
+# The console line's budget: step, rate, ETA and the job's key metrics fit; everything else is in
+# metrics.jsonl and wandb (``logging.verbose`` prints it all).
+CONSOLE_WIDTH = 160
 
 
 class MetricsLogger:
     """Per-step metrics to the console (rank 0), ``<run_dir>/metrics.jsonl`` and wandb.
 
-    ``log(step, metrics, prefix)`` takes floats; ``train`` steps drive the rate/ETA estimate.
+    ``log(step, metrics, prefix)`` takes floats; ``train`` steps drive the rate/ETA estimate. The console
+    shows ``console_keys`` (``(metric, label)`` pairs: the job's key metrics) on one line of at most about
+    ``CONSOLE_WIDTH`` characters, unless ``cfg.verbose``; ``metrics.jsonl`` and wandb get every metric.
     """
 
     def __init__(
@@ -49,10 +58,15 @@ class MetricsLogger:
         config_dump: dict[str, Any] | None = None,
         start_step: int = 0,
         stream: Any = None,
+        console_keys: Sequence[tuple[str, str]] = (),
+        unit: str = "step",
     ):
         self.cfg = cfg
         self.total_steps = total_steps
         self.start_step = start_step
+        self.console_keys = tuple(console_keys)
+        self.unit = unit
+        self.started = time.time()
         self.rank_zero = is_rank_zero()
         self.stream = stream or sys.stdout
         self._t0 = time.perf_counter()
@@ -75,6 +89,7 @@ class MetricsLogger:
                 dir=str(run_dir),
                 config=config_dump,
                 resume="allow",
+                settings=wandb.Settings(silent=True),  # the job's own summary says where its files are
             )
 
     def progress(self, step: int) -> str:
@@ -84,7 +99,23 @@ class MetricsLogger:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         width = len(str(self.total_steps))
-        return f"step {step:>{width}}/{self.total_steps} | {rate:.2f} it/s | eta {format_duration(eta)}"
+        speed = f"{rate:.2f} it/s" if rate >= 0.1 or rate == 0 else f"{1 / rate:.1f} s/it"
+        return f"{self.unit} {step:>{width}}/{self.total_steps} | {speed} | eta {format_duration(eta)}"
+
+    def console_line(self, step: int, metrics: dict[str, Any], prefix: str) -> str:
+        head = self.progress(step) if prefix == "train" else f"{prefix} @ {self.unit} {step}"
+        if self.cfg.verbose:
+            return " | ".join([head, *(f"{k} {format_value(v)}" for k, v in metrics.items())])
+        keys = [(k, label) for k, label in self.console_keys if k in metrics]
+        if not keys:  # not a record the job named keys for (e.g. an eval): its first metrics
+            keys = [(k, k) for k in metrics]
+        line = head
+        for key, label in keys:
+            part = f" | {label} {format_value(metrics[key], short=True)}"
+            if len(line) + len(part) > CONSOLE_WIDTH:
+                break
+            line += part
+        return line
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "train", console: bool = True) -> None:
         if not self.rank_zero:
@@ -95,9 +126,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(named, step=step)
         if console:
-            head = self.progress(step) if prefix == "train" else f"{prefix} @ step {step}"
-            body = " | ".join(f"{k} {format_value(v)}" for k, v in metrics.items())
-            print(f"{head} | {body}", file=self.stream, flush=True)
+            print(self.console_line(step, metrics, prefix), file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
         if self.rank_zero:

@@ -1,43 +1,47 @@
 """The supervised training run: from a job config and a task to trained, checkpointed weights.
 
 A ``Task`` (``tasks/lm.py``, ``tasks/sft.py``, ``tasks/reward.py``) supplies the data, the collator and the
-megatron ``forward_step``; ``run`` does the rest (after ``init_distributed``): model build (LM head or value head),
-initial weights, auto-resume from the latest complete checkpoint, the step loop with the NaN guard,
-periodic eval/save/log, and the final save.
+megatron ``forward_step``; ``run`` does the rest (after ``init_distributed``): the model
+(``engine.RoleModel``: LM head or value head, initial weights), auto-resume from the latest complete
+checkpoint, and the steps through the shared ``run_loop`` (logging, NaN guard, periodic eval and saves,
+exit and preemption).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from c2f_megatron.checkpoint.megatron_dir import CheckpointMetadata, read_metadata
+from c2f_megatron.checkpoint.resolve import check_tokenizer, resolve_checkpoint
+from c2f_megatron.checkpoint.steps import latest_checkpoint
+from c2f_megatron.engine.role_model import RoleModel
+from c2f_megatron.engine.schedule import StepResult
 from c2f_megatron.models.config import ModelConfig
-from c2f_megatron.platform.role_layout import RoleLayout
+from c2f_megatron.platform.distributed import is_rank_zero
 from c2f_megatron.training.checkpointing import (
     ModelState,
     TrainerState,
-    latest_checkpoint,
     load_training_checkpoint,
     save_training_checkpoint,
 )
 from c2f_megatron.training.config import TrainerSections
 from c2f_megatron.training.data_order import DataOrder, epoch_of
 from c2f_megatron.training.logging import MetricsLogger
-from c2f_megatron.training.loop import StepResult, evaluate, setup_training, train_step
-from c2f_megatron.training.preemption import PreemptionHandler
+from c2f_megatron.training.run_loop import LoopSettings, StepOutcome, run_loop
+from c2f_megatron.training.summary import (
+    RunSummary,
+    job_outputs,
+    read_metrics_jsonl,
+    start_end,
+    stopped_progress,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a NaN/inf loss or grad norm."""
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Task:
     tokenizer: dict[str, Any] | None = None
     finalize_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    skipped_records: Path | None = None  # the list of malformed data records, when there were any
 
 
 @dataclass
@@ -69,41 +74,11 @@ class RunResult:
     checkpoint: Path | None
 
 
-def resolve_model_config(cfg: TrainerSections, resume_dir: Path | None) -> ModelConfig:
-    """Architecture from the resumed checkpoint, else from ``init_from``, else from the config."""
-    source = resume_dir or (Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None)
+def resolve_model_config(cfg: TrainerSections, source: Path | None) -> ModelConfig:
+    """Architecture from the checkpoint the run starts from (resumed or ``init_from``), else the config."""
     if source is None:
         return cfg.model.resolve()
     return cfg.model.resolve(from_checkpoint=read_metadata(source).model)
-
-
-def build_chunks(
-    kind: str, model_cfg: ModelConfig, layout: RoleLayout | None = None
-) -> list[torch.nn.Module]:
-    """The rank's chunks with the per-token loss convention the loop relies on (``layout``: a role's own
-    TP/PP groups; default megatron's global ones)."""
-    if kind == "value":
-        from c2f_megatron.models.value_head import build_value_model_chunks
-
-        return build_value_model_chunks(model_cfg, layout=layout, calculate_per_token_loss=True)
-    from c2f_megatron.models.gpt import build_model_chunks
-
-    return build_model_chunks(model_cfg, layout=layout, calculate_per_token_loss=True)
-
-
-def load_initial_weights(kind: str, chunks: list[torch.nn.Module], ckpt: str | Path) -> CheckpointMetadata:
-    if kind == "value":
-        from c2f_megatron.models.value_head import load_backbone_checkpoint
-
-        return load_backbone_checkpoint(chunks, ckpt)
-    from c2f_megatron.checkpoint.megatron_dir import CheckpointError, load_model_checkpoint
-
-    meta = read_metadata(ckpt)
-    if meta.kind != "gpt":
-        raise CheckpointError(
-            f"{ckpt}: field 'kind' is {meta.kind!r}; an LM/SFT run needs a 'gpt' checkpoint"
-        )
-    return load_model_checkpoint(chunks, ckpt)
 
 
 def eval_batches(task: Task, micro_batch_size: int, dp_rank: int, dp_size: int, max_batches: int):
@@ -117,54 +92,52 @@ def eval_batches(task: Task, micro_batch_size: int, dp_rank: int, dp_size: int, 
 
 def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = None) -> RunResult:
     """Train ``task`` as configured. Call after ``init_distributed(cfg.parallel)``."""
-    from megatron.core import parallel_state
-
     train_cfg = cfg.train
     ckpt_cfg = cfg.checkpoint
     resume_dir = latest_checkpoint(ckpt_cfg.dir) if (ckpt_cfg.dir and ckpt_cfg.resume) else None
-    model_cfg = resolve_model_config(cfg, resume_dir)
-    if task.tokenizer and task.tokenizer.get("vocab_size", 0) > model_cfg.vocab_size:
-        raise ValueError(
-            f"tokenizer has {task.tokenizer['vocab_size']} ids but model.vocab_size is {model_cfg.vocab_size}"
-        )
-    chunks = build_chunks(task.kind, model_cfg)
+    init_from = None
     if resume_dir is None and ckpt_cfg.init_from:
-        load_initial_weights(task.kind, chunks, ckpt_cfg.init_from)
-    tm = setup_training(chunks, cfg.optim, model_cfg, train_cfg.train_steps)
-    metadata = CheckpointMetadata(
-        model=model_cfg,
-        tokenizer=task.tokenizer,
-        kind=task.kind,
-        dtype=model_cfg.params_dtype,
-        provenance={"trainer": task.name, "init_from": ckpt_cfg.init_from},
-        extra=dict(task.extra_metadata),
+        init_from = resolve_checkpoint(ckpt_cfg.init_from, field="checkpoint.init_from")
+        check_tokenizer(task.tokenizer, read_metadata(init_from), "checkpoint.init_from")
+    model_cfg = resolve_model_config(cfg, resume_dir or init_from)
+    check_tokenizer(task.tokenizer, CheckpointMetadata(model_cfg), "model")
+    role = RoleModel.build(
+        task.name,
+        task.kind,
+        model_cfg,
+        init_from=init_from,
+        optim=cfg.optim,
+        train_steps=train_cfg.train_steps,
     )
-    models = [ModelState(tm.chunks, metadata, tm.optimizer if ckpt_cfg.save_optimizer else None)]
+    metadata = role.metadata(
+        task.tokenizer, {"trainer": task.name, "init_from": ckpt_cfg.init_from}, **task.extra_metadata
+    )
+    models = [ModelState(role.chunks, metadata, role.optimizer if ckpt_cfg.save_optimizer else None)]
 
     state = TrainerState()
     if resume_dir is not None:
         state = load_training_checkpoint(resume_dir, models, load_optimizer=ckpt_cfg.save_optimizer)
         if state.scheduler:
-            tm.scheduler.load_state_dict(state.scheduler)
+            role.scheduler.load_state_dict(state.scheduler)
 
-    dp_size = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
-    num_micro = train_cfg.num_microbatches(dp_size)
+    layout = role.layout
+    num_micro = train_cfg.num_microbatches(layout.dp)
     order = DataOrder(len(task.train), cfg.parallel.seed)
     seqs_per_micro = train_cfg.micro_batch_size * task.sequences_per_sample
-    log = MetricsLogger(cfg.logging, train_cfg.train_steps, config_dump, start_step=state.step)
+    log = MetricsLogger(
+        cfg.logging, train_cfg.train_steps, config_dump, start_step=state.step, console_keys=CONSOLE_KEYS
+    )
     if resume_dir is not None:
         log.message(f"resumed from {resume_dir} at step {state.step}")
     log.message(
         f"{task.name}: {len(task.train)} train / {len(task.eval)} eval samples, {num_micro} micro-batch(es) of "
-        f"{train_cfg.micro_batch_size} x DP {dp_size} per step, TP {parallel_state.get_tensor_model_parallel_world_size()}"
-        f" PP {parallel_state.get_pipeline_model_parallel_world_size()}"
+        f"{train_cfg.micro_batch_size} x DP {layout.dp} per step, TP {layout.tp} PP {layout.pp}"
     )
 
     def save() -> Path | None:
         if not ckpt_cfg.dir:
             return None
-        state.scheduler = tm.scheduler.state_dict()
+        state.scheduler = role.scheduler.state_dict()
         path = save_training_checkpoint(
             ckpt_cfg.dir,
             models,
@@ -175,78 +148,87 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
         log.message(f"saved {path}")
         return path
 
-    def run_eval(step: int) -> dict[str, float]:
+    eval_metrics: dict[str, float] = {}
+
+    def run_eval(step: int) -> None:
         if not task.eval:
-            return {}
-        batches = eval_batches(task, train_cfg.micro_batch_size, dp_rank, dp_size, train_cfg.eval_batches)
-        metrics = evaluate(tm.chunks, task.forward_step, batches, train_cfg.seq_length, seqs_per_micro)
+            return
+        batches = eval_batches(
+            task, train_cfg.micro_batch_size, layout.dp_rank, layout.dp, train_cfg.eval_batches
+        )
+        metrics = role.evaluate(task.forward_step, batches, train_cfg.seq_length, seqs_per_micro)
         if task.finalize_metrics is not None:
             metrics = task.finalize_metrics(metrics)
         log.log(step, metrics, prefix="eval")
-        return metrics
+        eval_metrics.clear()
+        eval_metrics.update(metrics)
+        metadata.extra["eval"] = {"step": step, **metrics}  # e.g. reward mean/std for PPO
 
-    history: list[dict[str, float]] = []
-    eval_metrics: dict[str, float] = {}
-    last_saved: Path | None = resume_dir
-    consecutive_bad = 0
     tokens_per_step = train_cfg.global_batch_size * task.sequences_per_sample * train_cfg.seq_length
-    preempt = PreemptionHandler.from_env()  # SIGUSR1/SIGTERM or $C2F_PREEMPT_REQUEST: save and stop
-    try:
-        while state.step < train_cfg.train_steps:
-            groups = order.microbatches(
-                state.step, train_cfg.global_batch_size, train_cfg.micro_batch_size, dp_rank, dp_size
-            )
-            microbatches = [task.collate([task.train[i] for i in g]) for g in groups]
-            result: StepResult = train_step(
-                tm, task.forward_step, microbatches, train_cfg.seq_length, seqs_per_micro
-            )
-            state.step += 1
-            state.consumed_samples += train_cfg.global_batch_size
-            if task.finalize_metrics is not None:
-                result.metrics = task.finalize_metrics(result.metrics)
-            record = _step_record(
-                result, tokens_per_step, epoch_of(state.step, train_cfg.global_batch_size, len(task.train))
-            )
-            history.append(record)
-            if state.step % train_cfg.log_interval == 0 or result.skipped:
-                log.log(state.step, record)
-            if result.skipped:
-                consecutive_bad += 1
-                log.message(
-                    f"step {state.step}: non-finite loss/grad norm ({record.get('loss')}, "
-                    f"{result.grad_norm}); update skipped ({consecutive_bad} in a row)"
-                )
-                if consecutive_bad >= train_cfg.max_consecutive_nan:
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive non-finite steps (train.max_consecutive_nan="
-                        f"{train_cfg.max_consecutive_nan}); stopping at step {state.step}. Last good "
-                        f"checkpoint: {last_saved}"
-                    )
-            else:
-                consecutive_bad = 0
-            done = state.step >= train_cfg.train_steps
-            if done or (train_cfg.eval_interval and state.step % train_cfg.eval_interval == 0):
-                eval_metrics = run_eval(state.step)
-                metadata.extra["eval"] = {"step": state.step, **eval_metrics}  # e.g. reward mean/std for PPO
-            exit_now = train_cfg.exit_after_steps is not None and state.step >= train_cfg.exit_after_steps
-            periodic = bool(train_cfg.save_interval) and state.step % train_cfg.save_interval == 0
-            saved_now = periodic or done or exit_now
-            if saved_now:
-                last_saved = save()
-            if exit_now and not done:
-                log.message(f"exit_after_steps={train_cfg.exit_after_steps}: stopping at step {state.step}")
-                return RunResult(state.step, history, eval_metrics, last_saved)
-            if not done and preempt.should_stop():
-                last_saved = last_saved if saved_now else save()
-                preempt.mark_preempted(state.step, last_saved)
-                log.message(f"preempted ({preempt.reason()}): checkpointed and stopping at step {state.step}")
-                return RunResult(state.step, history, eval_metrics, last_saved)
-        if not history:  # resumed a finished run: nothing trained, still report eval
-            eval_metrics = run_eval(state.step)
-    finally:
-        preempt.uninstall()
-        log.close()
-    return RunResult(state.step, history, eval_metrics, last_saved)
+
+    def step(index: int) -> StepOutcome:
+        groups = order.microbatches(
+            index, train_cfg.global_batch_size, train_cfg.micro_batch_size, layout.dp_rank, layout.dp
+        )
+        microbatches = [task.collate([task.train[i] for i in g]) for g in groups]
+        result = role.train_step(task.forward_step, microbatches, train_cfg.seq_length, seqs_per_micro)
+        if task.finalize_metrics is not None:
+            result.metrics = task.finalize_metrics(result.metrics)
+        epoch = epoch_of(index + 1, train_cfg.global_batch_size, len(task.train))
+        return StepOutcome(
+            _step_record(result, tokens_per_step, epoch), result.skipped, train_cfg.global_batch_size
+        )
+
+    def after_step(step_index: int, done: bool) -> None:
+        if done or (train_cfg.eval_interval and step_index % train_cfg.eval_interval == 0):
+            run_eval(step_index)
+
+    settings = LoopSettings(
+        total_steps=train_cfg.train_steps,
+        log_interval=train_cfg.log_interval,
+        save_interval=train_cfg.save_interval,
+        exit_after=train_cfg.exit_after_steps,
+        max_consecutive_nonfinite=train_cfg.max_consecutive_nan,
+    )
+    finished_before = state.step >= train_cfg.train_steps
+    loop = run_loop(settings, state, step, save, log, resume_dir, after_step)
+    if finished_before:  # resumed a finished run: nothing trained, still report eval
+        run_eval(state.step)
+    if is_rank_zero():
+        summary = RunSummary(
+            task.name,
+            Path(cfg.logging.run_dir),
+            time.time() - log.started,
+            stopped_progress(state.step, train_cfg.train_steps, "step", loop.stopped),
+        )
+        summary.outputs = job_outputs(
+            summary.run_dir, loop.last_saved, cfg.logging.wandb_mode, skipped_records=task.skipped_records
+        )
+        summary.metrics = _start_end_metrics(summary.run_dir)
+        summary.write()
+        print(summary.console(), flush=True)
+    return RunResult(state.step, loop.history, eval_metrics, loop.last_saved)
+
+
+# The compact console line: (metric, label); every metric is in metrics.jsonl and wandb.
+CONSOLE_KEYS = (
+    ("loss", "loss"),
+    ("accuracy", "acc"),
+    ("reward_gap", "gap"),
+    ("grad_norm", "gnorm"),
+    ("lr", "lr"),
+    ("tokens_per_s", "tok/s"),
+)
+
+
+def _start_end_metrics(run_dir: Path) -> list[tuple[str, float | None, float | None]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    keys = ("loss", "accuracy", "reward_gap", "reward_mean", "reward_std", "grad_norm", "tokens_per_s")
+    rows = start_end(read_metrics_jsonl(path, "train"), keys)
+    rows += [(f"eval {k}", a, b) for k, a, b in start_end(read_metrics_jsonl(path, "eval"), keys[:5])]
+    return rows
 
 
 def _step_record(result: StepResult, tokens: int, epoch: float) -> dict[str, float]:
@@ -260,7 +242,3 @@ def _step_record(result: StepResult, tokens: int, epoch: float) -> dict[str, flo
         skipped=float(result.skipped),
     )
     return record
-
-
-def job_dump(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -22,13 +22,12 @@ import torch
 import torch.distributed as dist
 
 from c2f_megatron.checkpoint.megatron_dir import CheckpointMetadata
+from c2f_megatron.engine import OptimConfig, RoleModel
 from c2f_megatron.platform import adam_fallback
 from c2f_megatron.platform.distributed import device, init_distributed
 from c2f_megatron.training import checkpointing
-from c2f_megatron.training.config import ModelSection, OptimConfig, ParallelConfig
-from c2f_megatron.training.loop import setup_training, train_step
+from c2f_megatron.training.config import ModelSection, ParallelConfig
 from c2f_megatron.training.tasks.lm import collate_windows, token_forward_step
-from c2f_megatron.training.trainer import build_chunks
 
 VOCAB, SEQ, MICRO = 128, 16, 2
 STEPS, KILL_AT = 5, 2
@@ -45,7 +44,7 @@ def train(tm, steps: range) -> dict[int, float]:
 
     dp_rank = parallel_state.get_data_parallel_rank()
     fwd = partial(token_forward_step, VOCAB)
-    return {s: train_step(tm, fwd, batch(s, dp_rank), SEQ, MICRO).metrics["loss"] for s in steps}
+    return {s: tm.train_step(fwd, batch(s, dp_rank), SEQ, MICRO).metrics["loss"] for s in steps}
 
 
 def per_param_steps(optimizer) -> dict[str, object]:
@@ -126,7 +125,7 @@ def main(out: str, scenarios: list[str]) -> None:
     )
     meta = CheckpointMetadata(model=model_cfg)
 
-    tm = setup_training(build_chunks("gpt", model_cfg), optim, model_cfg, STEPS)
+    tm = RoleModel.build("model", "gpt", model_cfg, optim=optim, train_steps=STEPS)
     reference = train(tm, range(1, KILL_AT + 1))
     for fmt in FORMATS:
         state = checkpointing.TrainerState(step=KILL_AT, scheduler=tm.scheduler.state_dict())
@@ -141,7 +140,7 @@ def main(out: str, scenarios: list[str]) -> None:
         for fmt in FORMATS:
             resumed: dict[str, object] = {}
             try:
-                fresh = setup_training(build_chunks("gpt", model_cfg), optim, model_cfg, STEPS)
+                fresh = RoleModel.build("model", "gpt", model_cfg, optim=optim, train_steps=STEPS)
                 models = [checkpointing.ModelState(fresh.chunks, meta, fresh.optimizer)]
                 ckpt = checkpointing.step_dir(out_dir / fmt, KILL_AT)
                 state = checkpointing.load_training_checkpoint(ckpt, models)

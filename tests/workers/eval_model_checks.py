@@ -19,8 +19,8 @@ import torch
 from c2f_megatron.data import load_tokenizer
 from c2f_megatron.eval.lm import split_request
 from c2f_megatron.eval.megatron_model import MegatronLM, RewardScorer
+from c2f_megatron.generation.rollout import fine_generation_config, generate
 from c2f_megatron.platform.distributed import ParallelConfig, init_distributed, is_rank_zero
-from c2f_megatron.rl.rollout import fine_generation_config, generate
 
 
 def main(out: Path, tp: int, pp: int) -> None:
@@ -31,7 +31,7 @@ def main(out: Path, tp: int, pp: int) -> None:
     prompts = [tok.encode(t, add_bos=True) for t in texts]
 
     cfg = fine_generation_config(tok.eos_id, tok.pad_id, 10, greedy=True)
-    batch = generate(lm.chunk, prompts, cfg, tok.vocab_size)
+    batch = generate(lm.chunk, lm.role.layout, prompts, cfg, tok.vocab_size)
     responses = batch.response_ids()
     sampled = [batch.logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)]
     forced = lm.token_logprobs(prompts, responses)

@@ -20,7 +20,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from c2f_megatron.checkpoint.megatron_dir import load_model_checkpoint, read_metadata
-    from c2f_megatron.merge.math import MergeRecipe
+    from c2f_megatron.merge.math import evaluate
+    from c2f_megatron.merge.recipe import MergeRecipe
     from c2f_megatron.models.gpt import build_gpt_model
     from c2f_megatron.platform.distributed import ParallelConfig, init_distributed
 
@@ -44,7 +45,7 @@ def main() -> None:
         got = load(Path(out), out_meta.dtype)
         names = ("a", "b", "base") if kind == "task" else ("a", "b")
         for key, value in got.items():
-            expected = recipe.apply([inputs[n][key] for n in names]).to(value.dtype)
+            expected = evaluate(recipe, [inputs[n][key] for n in names]).to(value.dtype)
             if not torch.equal(value, expected):
                 diff = (value.float() - expected.float()).abs().max().item()
                 raise SystemExit(f"{out}: tensor {key} differs from the direct formula (max abs diff {diff})")

@@ -6,17 +6,17 @@ import sys
 from pathlib import Path
 
 from c2f_megatron.checkpoint.megatron_dir import CheckpointMetadata, save_model_checkpoint
+from c2f_megatron.engine import RoleModel
 from c2f_megatron.models import ModelConfig
 from c2f_megatron.platform import ParallelConfig, destroy_distributed, init_distributed
-from c2f_megatron.training.trainer import build_chunks
 
 
 def main(out: str, model_json: str) -> None:
     init_distributed(ParallelConfig(seed=7))
     cfg = ModelConfig(**json.loads(model_json))
     for kind, name in (("gpt", "actor"), ("value", "critic")):
-        chunks = build_chunks(kind, cfg)
-        save_model_checkpoint(chunks, Path(out) / name, CheckpointMetadata(cfg, kind=kind), force=True)
+        role = RoleModel.build(name, kind, cfg)
+        save_model_checkpoint(role.chunks, Path(out) / name, CheckpointMetadata(cfg, kind=kind), force=True)
     destroy_distributed()
 
 

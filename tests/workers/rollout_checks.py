@@ -18,10 +18,11 @@ import json
 
 import torch
 
+from c2f_megatron.generation.rollout import GenerationConfig, generate, padded_causal_mask
+from c2f_megatron.generation.sampling import process_logits
 from c2f_megatron.models import ModelConfig, build_gpt_model
 from c2f_megatron.platform import ParallelConfig, init_distributed
-from c2f_megatron.rl.rollout import GenerationConfig, generate, padded_causal_mask
-from c2f_megatron.rl.sampling import process_logits
+from c2f_megatron.platform.role_layout import global_layout
 
 VOCAB = 300  # padded to 384 (TP1) / 512 (TP2): the padded rows are random and must never be sampled
 EOS, STOP = 2, 7
@@ -138,36 +139,38 @@ def main() -> None:
 
     model = build_gpt_model(CFG)
     model.eval()
+    layout = global_layout()
     prompts = make_prompts([5, 9, 3, 12], seed=0)
     greedy = GenerationConfig(max_new_tokens=12, greedy=True, pad_id=0)
-    batch = generate(model, prompts, greedy, VOCAB)
+    batch = generate(model, layout, prompts, greedy, VOCAB)
     ref = recompute_greedy(model, batch, greedy.max_new_tokens, padded)
     out["greedy_equal"] = bool(torch.equal(batch.responses, ref))
     out["greedy_mismatches"] = int((batch.responses != ref).sum())
     out["per_prompt_equal"] = all(
-        torch.equal(generate(model, [p], greedy, VOCAB).responses[0], batch.responses[i])
+        torch.equal(generate(model, layout, [p], greedy, VOCAB).responses[0], batch.responses[i])
         for i, p in enumerate(prompts)
     )
     if solo:
         out["trainer_logprob_gap"], out["trainer_argmax_equal"] = trainer_logprob_gap(model, batch)
         model.train()
-        generate(model, prompts, dataclasses.replace(greedy, max_new_tokens=2), VOCAB)
+        generate(model, layout, prompts, dataclasses.replace(greedy, max_new_tokens=2), VOCAB)
         out["train_mode_restored"] = model.training
         model.eval()
 
         out["refusals"] = [
-            refuses(lambda: generate([model], prompts, greedy, VOCAB), "interleaved"),
-            refuses(lambda: generate(model, [[1] * 510], greedy, VOCAB), "max_position_embeddings"),
-            refuses(lambda: generate(model, [[VOCAB]], greedy, VOCAB), "outside"),
+            refuses(lambda: generate([model], layout, prompts, greedy, VOCAB), "interleaved"),
+            refuses(lambda: generate(model, layout, [[1] * 510], greedy, VOCAB), "max_position_embeddings"),
+            refuses(lambda: generate(model, layout, [[VOCAB]], greedy, VOCAB), "outside"),
             refuses(
-                lambda: generate(model, [[2, 2]], dataclasses.replace(greedy, stop_ids=[2]), VOCAB), "empty"
+                lambda: generate(model, layout, [[2, 2]], dataclasses.replace(greedy, stop_ids=[2]), VOCAB),
+                "empty",
             ),
         ]
 
         windowed_cfg = dataclasses.replace(CFG, sliding_window=6)
         windowed = build_gpt_model(windowed_cfg)
         windowed.eval()
-        wbatch = generate(windowed, prompts, greedy, VOCAB)
+        wbatch = generate(windowed, layout, prompts, greedy, VOCAB)
         out["window_greedy_equal"] = bool(
             torch.equal(wbatch.responses, recompute_greedy(windowed, wbatch, greedy.max_new_tokens, padded))
         )
@@ -175,7 +178,7 @@ def main() -> None:
     if args.pp == 1:
         # Fine mode: stop at the token row 0 produced at step 3; rows end at their first occurrence of it.
         stop = int(batch.responses[0, 3])
-        fine = generate(model, prompts, dataclasses.replace(greedy, stop_ids=[stop]), VOCAB)
+        fine = generate(model, layout, prompts, dataclasses.replace(greedy, stop_ids=[stop]), VOCAB)
         expected_len = []
         for row in batch.responses.tolist():
             expected_len.append(row.index(stop) + 1 if stop in row else len(row))
@@ -197,18 +200,18 @@ def main() -> None:
         scale_vocab_rows(model, [EOS, STOP], 60.0)
         sampled = dict(temperature=1.0, top_k=50, top_p=0.95, pad_id=0, seed=5)
         few = make_prompts([4, 7] * 4, seed=1)
-        free = generate(model, few, GenerationConfig(16, **sampled), VOCAB)
+        free = generate(model, layout, few, GenerationConfig(16, **sampled), VOCAB)
         free_tokens = free.responses[free.response_mask]
         out["free_eos_fraction"] = float(torch.isin(free_tokens, torch.tensor([EOS, STOP])).float().mean())
         coarse_cfg = GenerationConfig(96, suppress_ids=[EOS, STOP], **sampled)
-        coarse = generate(model, make_prompts([4, 7] * 16, seed=2), coarse_cfg, VOCAB)
+        coarse = generate(model, layout, make_prompts([4, 7] * 16, seed=2), coarse_cfg, VOCAB)
         coarse_tokens = coarse.responses[coarse.response_mask]
         out["coarse_count"] = int(coarse_tokens.numel())
         banned = torch.isin(coarse_tokens, torch.tensor([EOS, STOP])) | (coarse_tokens >= VOCAB)
         out["coarse_bad"] = int(banned.sum())
         out["coarse_all_hit_limit"] = bool(coarse.hit_limit.all())
         out["coarse_distinct"] = int(coarse_tokens.unique().numel())
-        again = generate(model, few, GenerationConfig(16, **sampled), VOCAB)
+        again = generate(model, layout, few, GenerationConfig(16, **sampled), VOCAB)
         out["sampling_reproducible"] = bool(torch.equal(again.tokens, free.tokens))
 
     if torch.distributed.get_rank() == 0:

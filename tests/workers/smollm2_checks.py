@@ -12,7 +12,6 @@ suppressed (coarse mode) for the prompt ids in ``PROMPTS``, and ``MegatronLM.log
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,21 +19,12 @@ from pathlib import Path
 import torch
 
 
-def _load(ckpt: Path):
-    from c2f_megatron.checkpoint.megatron_dir import load_model_checkpoint, read_metadata
-    from c2f_megatron.models.gpt import build_gpt_model
-
-    cfg = dataclasses.replace(read_metadata(ckpt).model, layer_spec="sdpa")
-    model = build_gpt_model(cfg, perform_initialization=False)
-    load_model_checkpoint([model], ckpt)
-    return model.eval(), cfg
-
-
 def layouts(ckpt: Path, ref_path: Path, names: list[str]) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from c2f_megatron.checkpoint.convert import megatron_logits
+    from c2f_megatron.checkpoint.verify import megatron_logits
+    from c2f_megatron.engine import RoleModel
     from c2f_megatron.platform.distributed import ParallelConfig, init_distributed
 
     ref = torch.load(ref_path, weights_only=True)
@@ -42,8 +32,8 @@ def layouts(ckpt: Path, ref_path: Path, names: list[str]) -> None:
         kind, size = name[:2], int(name[2:])
         tp, pp = (size, 1) if kind == "tp" else (1, size)
         init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-        model, cfg = _load(ckpt)
-        ours = megatron_logits(model, ref["tokens"], cfg.vocab_size)
+        role = RoleModel.from_checkpoint("model", "gpt", ckpt, runtime={"layer_spec": "sdpa"})
+        ours = megatron_logits(role.module, ref["tokens"], role.model_cfg.vocab_size)
         diff = torch.zeros(1, dtype=torch.float64)
         if ours is not None:
             for i, n in enumerate(ref["lengths"].tolist()):
@@ -56,23 +46,22 @@ def layouts(ckpt: Path, ref_path: Path, names: list[str]) -> None:
                 f"PP{ps.get_pipeline_model_parallel_world_size()} max_abs_diff {diff.item():.3e}",
                 flush=True,
             )
-        del model
+        del role
 
 
 def generate(ckpt: Path, tokenizer: str, prompts_path: Path, requests_path: Path, out: Path) -> None:
     from c2f_megatron.data import load_tokenizer
     from c2f_megatron.eval.megatron_model import MegatronLM
+    from c2f_megatron.generation.rollout import GenerationConfig
+    from c2f_megatron.generation.rollout import generate as rollout
     from c2f_megatron.platform.distributed import ParallelConfig, init_distributed
-    from c2f_megatron.rl.rollout import GenerationConfig
-    from c2f_megatron.rl.rollout import generate as rollout
 
     init_distributed(ParallelConfig())
     tok = load_tokenizer(tokenizer)
-    model, _ = _load(ckpt)
+    lm = MegatronLM.from_checkpoint(ckpt, tok, batch_size=8)
     prompts = json.loads(prompts_path.read_text())
     gen = GenerationConfig(64, greedy=True, suppress_ids=[tok.eos_id], pad_id=tok.pad_id)
-    responses = rollout(model, prompts, gen, tok.vocab_size).response_ids()
-    lm = MegatronLM(model, tok, batch_size=8)
+    responses = rollout(lm.chunk, lm.role.layout, prompts, gen, tok.vocab_size).response_ids()
     requests = [tuple(r) for r in json.loads(requests_path.read_text())]
     out.write_text(json.dumps({"responses": responses, "loglikelihood": lm.loglikelihood(requests)}))
 

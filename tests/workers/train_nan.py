@@ -6,11 +6,12 @@ from functools import partial
 
 import torch
 
+from c2f_megatron.engine import OptimConfig, RoleModel
 from c2f_megatron.platform.distributed import device, init_distributed
-from c2f_megatron.training.config import ModelSection, OptimConfig, TrainConfig, TrainerSections
-from c2f_megatron.training.loop import setup_training, train_step
+from c2f_megatron.training.config import ModelSection, TrainConfig, TrainerSections
+from c2f_megatron.training.run_loop import NonFiniteLossError
 from c2f_megatron.training.tasks.lm import collate_windows, token_forward_step
-from c2f_megatron.training.trainer import NonFiniteLossError, Task, build_chunks, run
+from c2f_megatron.training.trainer import Task, run
 
 VOCAB, SEQ = 128, 16
 
@@ -50,21 +51,21 @@ def main(run_dir: str) -> None:
     cfg.logging.run_dir = run_dir
     init_distributed(cfg.parallel)
     model_cfg = cfg.model.resolve()
-    tm = setup_training(build_chunks("gpt", model_cfg), cfg.optim, model_cfg, 10)
+    tm = RoleModel.build("drill", "gpt", model_cfg, optim=cfg.optim, train_steps=10)
     g = torch.Generator().manual_seed(0)
     windows = torch.randint(3, VOCAB, (8, SEQ + 1), generator=g).tolist()
     batch = [collate_windows(windows[:2], device())]
     report = {}
-    clean = train_step(tm, partial(poisoned_forward_step, False), batch, SEQ, 2)
+    clean = tm.train_step(partial(poisoned_forward_step, False), batch, SEQ, 2)
     before, sched = snapshot(tm), tm.scheduler.num_steps
-    bad = train_step(tm, partial(poisoned_forward_step, True), batch, SEQ, 2)
+    bad = tm.train_step(partial(poisoned_forward_step, True), batch, SEQ, 2)
     after = snapshot(tm)
     report["clean_skipped"] = clean.skipped
     report["bad_skipped"] = bad.skipped
     report["bad_loss_finite"] = bool(torch.isfinite(torch.tensor(bad.metrics["loss"])))
     report["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after)) and len(before) == len(after)
     report["scheduler_unchanged"] = tm.scheduler.num_steps == sched
-    again = train_step(tm, partial(poisoned_forward_step, False), batch, SEQ, 2)
+    again = tm.train_step(partial(poisoned_forward_step, False), batch, SEQ, 2)
     report["recovered"] = not again.skipped and again.metrics["loss"] < clean.metrics["loss"]
 
     calls = {"n": 0}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -161,13 +162,13 @@ def make_task(
 
 
 def build_task(cfg: RMJobConfig):
-    from c2f_megatron.data import load_from_config, load_tokenizer
+    from c2f_megatron.data import SKIPPED_RECORDS_FILE, load_from_config, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     chat = ChatFormat(cfg.data.hh.prompt_format, tokenizer)
-    data = load_from_config(cfg.data.hh)
+    data = load_from_config(cfg.data.hh, Path(cfg.logging.run_dir) / SKIPPED_RECORDS_FILE)
     seq = cfg.train.seq_length
-    return make_task(
+    task = make_task(
         "train-rm",
         tokenize_pairs(data.train, chat, seq),
         tokenize_pairs(data.eval, chat, seq),
@@ -176,3 +177,5 @@ def build_task(cfg: RMJobConfig):
         cfg.reward,
         tokenizer.info().to_dict(),
     )
+    task.skipped_records = data.skipped_log
+    return task

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -85,14 +86,14 @@ def tokenize_pairs(pairs, chat: ChatFormat, seq_length: int) -> list[SFTExample]
 
 
 def build_task(cfg: SFTJobConfig):
-    from c2f_megatron.data import load_from_config, load_tokenizer
+    from c2f_megatron.data import SKIPPED_RECORDS_FILE, load_from_config, load_tokenizer
     from c2f_megatron.platform.distributed import device
     from c2f_megatron.training.tasks.lm import token_forward_step
     from c2f_megatron.training.trainer import Task
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     chat = ChatFormat(cfg.data.hh.prompt_format, tokenizer)
-    data = load_from_config(cfg.data.hh)
+    data = load_from_config(cfg.data.hh, Path(cfg.logging.run_dir) / SKIPPED_RECORDS_FILE)
     seq = cfg.train.seq_length
     train = tokenize_pairs(data.train, chat, seq)
     evals = tokenize_pairs(data.eval, chat, seq)
@@ -104,4 +105,5 @@ def build_task(cfg: SFTJobConfig):
         collate=partial(collate_sft, seq_length=seq, pad_id=tokenizer.pad_id, device=device()),
         forward_step=partial(token_forward_step, tokenizer.vocab_size),
         tokenizer=tokenizer.info().to_dict(),
+        skipped_records=data.skipped_log,
     )

@@ -1,11 +1,13 @@
-"""Rollout worker: KV-cached generation from the Megatron actor for left-padded prompt batches, TP/PP-aware.
+"""KV-cached generation from a Megatron GPT model for left-padded prompt batches, on any TP/PP layout.
 
-Why not megatron's ``StaticInferenceEngine`` / ``TextGenerationController``: its static batch pads prompts
-on the *right* and overwrites the pad slots token by token, has no hook to suppress ids at every step (the
-coarse actor must never emit EOS), and treats top-k and top-p as exclusive. So we drive the model with
-megatron's own pieces instead: ``GPTInferenceWrapper.run_one_forward_step`` (the forward with its
-``StaticInferenceContext`` KV cache, logits gathered over TP, activations sent between pipeline stages) and
-``broadcast_from_last_pipeline_stage`` (the sampled tokens to every stage); sampling is ``rl.sampling``.
+The PPO actor's rollouts and every evaluation's generations run here. Why not megatron's
+``StaticInferenceEngine`` / ``TextGenerationController``: its static batch pads prompts on the *right* and
+overwrites the pad slots token by token, has no hook to suppress ids at every step (the coarse actor must
+never emit EOS), and treats top-k and top-p as exclusive. So we drive the model with megatron's own
+pieces instead: ``GPTInferenceWrapper.run_one_forward_step`` (the forward with its
+``StaticInferenceContext`` KV cache, logits gathered over TP, activations sent between pipeline stages,
+over the layout's own process groups) and the sampled tokens broadcast from the layout's last stage
+(``engine.rows.share_from_last_stage``); sampling is ``generation.sampling``.
 
 Layout and positions (the PPO trainer must use the same for its log-prob forward): ``RolloutBatch.tokens``
 is ``[left pad | prompt | response | right pad]`` with the prompt block ``P`` wide. RoPE positions are the
@@ -14,9 +16,10 @@ pad count; RoPE is relative, so this changes attention only by float rounding. T
 "key is padding" (``RolloutBatch.attention_mask()``). A full forward of ``tokens`` with that mask gives,
 at slot ``P + j - 1``, the logits the sampler used for response token ``j``.
 
-Parallel layout: every TP rank holds the gathered logits and the same seeded generator, so all draw the
-same token; TP rank 0's token is broadcast anyway so the ranks cannot drift. With PP the last stage samples
-and broadcasts tokens and log-probs to the other stages. Interleaved (virtual) pipelines, sequence
+Parallel layout (a ``RoleLayout``, megatron's global one or a role's own): every TP rank holds the gathered
+logits and the same seeded generator, so all draw the same token; TP rank 0's token is broadcast anyway so
+the ranks cannot drift. With PP the last stage samples and broadcasts tokens and log-probs to the other
+stages. Interleaved (virtual) pipelines, sequence
 parallelism and the Transformer Engine attention (it ignores an explicit padding mask under a causal mask
 type) are refused.
 """
@@ -29,7 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from c2f_megatron.rl.sampling import process_logits, sample_tokens
+from c2f_megatron.engine.rows import share_from_last_stage
+from c2f_megatron.generation.sampling import process_logits, sample_tokens
+from c2f_megatron.platform.role_layout import RoleLayout
 
 
 @dataclass
@@ -69,14 +74,6 @@ class GenerationConfig:
             problems.append(f"ids {both} are both suppressed and stop ids: a suppressed id can never stop")
         if problems:
             raise ValueError("invalid generation config: " + "; ".join(problems))
-
-
-def coarse_generation_config(
-    eos_id: int, pad_id: int, max_new_tokens: int, extra_stop_ids: tuple[int, ...] = (), **kwargs
-) -> GenerationConfig:
-    """Coarse actor (paper, stage 1): EOS and the stop ids are suppressed, so every draft is cut only by
-    the length controller's ``max_new_tokens``."""
-    return GenerationConfig(max_new_tokens, suppress_ids=[eos_id, *extra_stop_ids], pad_id=pad_id, **kwargs)
 
 
 def fine_generation_config(
@@ -185,7 +182,7 @@ def _strip_trailing(ids: list[int], drop: set[int]) -> list[int]:
     return list(ids[:end])
 
 
-def _make_wrapper(model: torch.nn.Module, batch: int, max_len: int, padded_vocab: int):
+def _make_wrapper(model: torch.nn.Module, layout: RoleLayout, batch: int, max_len: int, padded_vocab: int):
     """megatron's GPT inference wrapper over a fresh static KV cache for ``batch`` x ``max_len``."""
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
@@ -206,7 +203,7 @@ def _make_wrapper(model: torch.nn.Module, batch: int, max_len: int, padded_vocab
         inference_max_seq_length=max_len,
     )
     context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
-    wrapper = GPTInferenceWrapper(model, wrapper_config, context)
+    wrapper = GPTInferenceWrapper(model, wrapper_config, context, pg_collection=layout.pg_collection)
     wrapper.prep_model_for_inference()  # eval mode, cache offsets reset
     return wrapper
 
@@ -217,25 +214,8 @@ def _padded_vocab_size(model: torch.nn.Module) -> int:
     return int(get_attr_wrapped_model(model, "vocab_size"))
 
 
-def _share_from_last_stage(values: Tensor | None, size: list[int], dtype: torch.dtype) -> Tensor:
-    """Sampled values from the last pipeline stage to all stages, then TP rank 0's copy to its TP group."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
-
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        values = broadcast_from_last_pipeline_stage(size, dtype, values)
-    assert values is not None
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(
-            values,
-            src=ps.get_tensor_model_parallel_src_rank(),
-            group=ps.get_tensor_model_parallel_group(),
-        )
-    return values
-
-
 def _sampling_generator(
-    seed: int, device: torch.device, rows: int, row_offset: int | None
+    seed: int, device: torch.device, rows: int, row_offset: int | None, dp_rank: int
 ) -> torch.Generator | list[torch.Generator]:
     """One generator seeded with ``seed + DP rank`` or, given ``row_offset``, one per row seeded by the
     row's index in the whole batch (draws then do not depend on how the batch is split over DP ranks)."""
@@ -243,9 +223,6 @@ def _sampling_generator(
         return [
             torch.Generator(device=device).manual_seed((seed << 20) + row_offset + i) for i in range(rows)
         ]
-    from megatron.core import parallel_state as ps
-
-    dp_rank = ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
     return torch.Generator(device=device).manual_seed(seed + dp_rank)
 
 
@@ -256,6 +233,7 @@ STOP_WINDOW = 16
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
+    layout: RoleLayout,
     prompts: list[list[int]],
     gen_cfg: GenerationConfig,
     true_vocab_size: int,
@@ -263,7 +241,8 @@ def generate(
     stop_when: Callable[[list[int]], bool] | None = None,
 ) -> RolloutBatch:
     """Sample up to ``gen_cfg.max_new_tokens`` tokens for each prompt with a KV cache; call on every rank
-    of the model's TP/PP group with the same prompts. The model's train/eval mode is restored after.
+    of ``layout``'s TP/PP group (the groups ``model`` was built on) with the same prompts. The model's
+    train/eval mode is restored after.
 
     ``row_offset``: the index of ``prompts[0]`` in the whole (all-DP-ranks) batch; given, every row draws
     from its own generator (seeded by ``gen_cfg.seed`` and its index). Without it, one generator per rank.
@@ -271,8 +250,6 @@ def generate(
     ``STOP_WINDOW``); True ends that row there, as a stop id would (evaluation's stop strings). Every rank
     holds the same tokens, so every rank decides alike.
     """
-    from megatron.core import parallel_state as ps
-
     _check_supported(model)
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
@@ -301,9 +278,9 @@ def generate(
     stop_ids = torch.tensor(gen_cfg.stop_ids, dtype=torch.long, device=device)
 
     was_training = model.training
-    wrapper = _make_wrapper(model, b, total, _padded_vocab_size(model))
-    generator = _sampling_generator(gen_cfg.seed, device, b, row_offset)
-    last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+    wrapper = _make_wrapper(model, layout, b, total, _padded_vocab_size(model))
+    generator = _sampling_generator(gen_cfg.seed, device, b, row_offset, layout.dp_rank)
+    last_stage = layout.is_last_stage
 
     done = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
@@ -332,7 +309,7 @@ def generate(
                 next_tokens, next_logprobs = sample_tokens(processed, gen_cfg.greedy, generator)
                 # one float64 message per step: token ids (< 2**53, exact) and their log-probs
                 sampled = torch.stack([next_tokens.double(), next_logprobs.double()])
-            sampled = _share_from_last_stage(sampled, [2, b], torch.float64)
+            sampled = share_from_last_stage(sampled, [2, b], torch.float64, layout, over_tp=True)
             next_tokens, next_logprobs = sampled[0].long(), sampled[1].float()
 
             active = ~done

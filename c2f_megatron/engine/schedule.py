@@ -1,12 +1,12 @@
-"""The training step shared by every trainer, built from megatron-core pieces.
+"""megatron-core's training machinery on one layout, as plain functions (``RoleModel`` composes them).
 
 - ``setup_training``: megatron ``DistributedDataParallel`` around each chunk, ``get_megatron_optimizer``
   (Adam/AdamW, optionally the distributed optimizer), ``OptimizerParamScheduler`` (warmup + decay), and the
   model-config hooks the pipeline schedules call (grad sync, per-token loss scaling).
 - ``train_step``: one optimizer step over a list of micro-batches through ``get_forward_backward_func``
-  (no pipelining, 1F1B or interleaved, chosen by ``parallel_state``). A non-finite loss or grad norm skips
-  the update on every rank.
-- ``evaluate``: forward-only over micro-batches.
+  (no pipelining, 1F1B or interleaved, for the layout). A non-finite loss or grad norm skips the update on
+  every rank.
+- ``run_schedule`` / ``evaluate``: forward-only over micro-batches.
 
 Loss convention (``calculate_per_token_loss=True``): a task's ``loss_func`` returns
 ``(loss_sum, num_units, metrics)`` where ``num_units`` counts what the loss averages over (tokens for
@@ -26,27 +26,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from c2f_megatron.engine.config import OptimConfig
 from c2f_megatron.models.config import DTYPES, ModelConfig
-from c2f_megatron.platform.role_layout import RoleLayout, global_layout
-from c2f_megatron.training.config import OptimConfig
+from c2f_megatron.platform.role_layout import RoleLayout
 
 ForwardStepFunc = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
-
-
-@dataclass
-class TrainingModel:
-    """A model ready to train: DDP-wrapped chunks, their optimizer and LR scheduler, and its layout."""
-
-    chunks: list[torch.nn.Module]
-    optimizer: Any
-    scheduler: Any
-    layout: RoleLayout
-
-    @property
-    def config(self) -> Any:
-        from megatron.core.utils import get_model_config
-
-        return get_model_config(self.chunks[0])
 
 
 @dataclass
@@ -59,7 +43,7 @@ class StepResult:
 
 
 def wrap_ddp(
-    chunks: Sequence[torch.nn.Module], optim: OptimConfig, layout: RoleLayout | None = None
+    chunks: Sequence[torch.nn.Module], optim: OptimConfig, layout: RoleLayout
 ) -> list[torch.nn.Module]:
     """megatron DDP around each chunk (bucketing only for the first chunk, as Megatron-LM does)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -76,7 +60,7 @@ def wrap_ddp(
             ddp_config=ddp_config,
             module=chunk,
             disable_bucketing=i > 0,
-            pg_collection=None if layout is None else layout.pg_collection,
+            pg_collection=layout.pg_collection,
         )
         for i, chunk in enumerate(chunks)
     ]
@@ -86,7 +70,7 @@ def build_optimizer(
     ddp_chunks: Sequence[torch.nn.Module],
     optim: OptimConfig,
     model_cfg: ModelConfig,
-    layout: RoleLayout | None = None,
+    layout: RoleLayout,
 ):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -106,7 +90,7 @@ def build_optimizer(
         use_distributed_optimizer=optim.use_distributed_optimizer,
         overlap_param_gather=optim.overlap_param_gather,
     )
-    if layout is None or layout.is_global:
+    if layout.is_global:
         return get_megatron_optimizer(config, list(ddp_chunks))
     # a role's own groups: megatron takes them from the collection (no gloo copies of custom groups)
     return get_megatron_optimizer(
@@ -161,16 +145,15 @@ def setup_training(
     optim: OptimConfig,
     model_cfg: ModelConfig,
     train_steps: int,
-    layout: RoleLayout | None = None,
-) -> TrainingModel:
-    """DDP + optimizer + scheduler + schedule hooks for freshly built (and possibly loaded) chunks, on
-    ``layout`` (the chunks' own groups; default megatron's global ones)."""
-    layout = layout or global_layout()
+    layout: RoleLayout,
+) -> tuple[list[torch.nn.Module], Any, Any]:
+    """DDP-wrapped chunks, optimizer and scheduler (schedule hooks set) for freshly built (and possibly
+    loaded) chunks on ``layout`` (the chunks' own groups)."""
     ddp_chunks = wrap_ddp(chunks, optim, layout)
     optimizer = build_optimizer(ddp_chunks, optim, model_cfg, layout)
     scheduler = build_scheduler(optimizer, optim, train_steps)
     configure_schedule_hooks(ddp_chunks, optimizer)
-    return TrainingModel(ddp_chunks, optimizer, scheduler, layout)
+    return ddp_chunks, optimizer, scheduler
 
 
 def _microbatch_iterators(chunks: Sequence[torch.nn.Module], microbatches: Sequence[Any]):
@@ -207,14 +190,11 @@ def run_schedule(
     )
 
 
-def reduce_metrics(
-    losses_reduced: Iterable[dict[str, torch.Tensor]], layout: RoleLayout | None = None
-) -> dict[str, float]:
+def reduce_metrics(losses_reduced: Iterable[dict[str, torch.Tensor]], layout: RoleLayout) -> dict[str, float]:
     """Sum ``[sum, count]`` metrics over micro-batches and data-parallel ranks; the same dict on all ranks.
 
     Only the last pipeline stage has loss outputs; it broadcasts the result along its pipeline group.
     """
-    layout = layout or global_layout()
     totals: dict[str, torch.Tensor] = {}
     for item in losses_reduced:
         for key, value in item.items():
@@ -268,7 +248,10 @@ def _clip_and_step(optimizer: Any, grad_norm: float) -> None:
 
 
 def train_step(
-    tm: TrainingModel,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    layout: RoleLayout,
     forward_step_func: ForwardStepFunc,
     microbatches: Sequence[Any],
     seq_length: int,
@@ -281,21 +264,21 @@ def train_step(
     loss or the grad norm is NaN/inf on any rank, no parameter or optimizer state changes (``skipped``).
     """
     start = time.perf_counter()
-    for chunk in tm.chunks:
+    for chunk in chunks:
         chunk.train()
         chunk.zero_grad_buffer()
-    tm.optimizer.zero_grad()
+    optimizer.zero_grad()
     losses = run_schedule(
-        tm.chunks, tm.layout, forward_step_func, microbatches, seq_length, micro_batch_size, False
+        chunks, layout, forward_step_func, microbatches, seq_length, micro_batch_size, False
     )
-    metrics = reduce_metrics(losses, tm.layout)
-    found_inf = tm.optimizer.prepare_grads()
-    grad_norm = float(tm.optimizer.get_grad_norm())
+    metrics = reduce_metrics(losses, layout)
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
     ok = not found_inf and _all_finite(metrics.get(loss_key, 0.0), grad_norm)
-    lr = tm.optimizer.param_groups[0]["lr"]  # the rate this update used
+    lr = optimizer.param_groups[0]["lr"]  # the rate this update used
     if ok:
-        _clip_and_step(tm.optimizer, grad_norm)
-        tm.scheduler.step(increment=1)
+        _clip_and_step(optimizer, grad_norm)
+        scheduler.step(increment=1)
     return StepResult(metrics, grad_norm, lr, not ok, time.perf_counter() - start)
 
 
@@ -306,10 +289,9 @@ def evaluate(
     batches: Iterable[Sequence[Any]],
     seq_length: int,
     micro_batch_size: int,
-    layout: RoleLayout | None = None,
+    layout: RoleLayout,
 ) -> dict[str, float]:
     """Forward-only over groups of micro-batches; metrics pooled over all of them (sums, then ratio)."""
-    layout = layout or global_layout()
     for chunk in chunks:
         chunk.eval()
     pooled: list[dict[str, torch.Tensor]] = []

@@ -1,0 +1,65 @@
+"""From what a user writes to the checkpoint a command loads, and whether its tokenizer is the one in use.
+
+Every command that takes a checkpoint path (``actor.init_from``, ``reward.path``, ``c2f eval
+--checkpoint``, ``checkpoint.init_from``) accepts the same three things, resolved here once:
+
+- a c2f checkpoint directory (``c2f_checkpoint.json``) itself;
+- a training root: its newest complete ``step_*`` (``checkpoint.steps``);
+- a multi-model step (PPO's ``actor/`` and ``critic/``): the model named by ``role`` inside it.
+
+``check_tokenizer`` is the one comparison between the tokenizer a run uses and the one a checkpoint
+recorded (fingerprint, vocabulary size, EOS), and the one check that the model has an embedding row for
+every id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from c2f_megatron.checkpoint import METADATA_FILE
+from c2f_megatron.checkpoint.megatron_dir import CheckpointError, CheckpointMetadata
+from c2f_megatron.checkpoint.steps import latest_checkpoint
+
+
+def resolve_checkpoint(path: str | Path, role: str | None = None, field: str | None = None) -> Path:
+    """The complete c2f checkpoint ``path`` stands for (see the module docstring). ``field`` names the
+    config field in errors."""
+    where = f"{field}: " if field else ""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{where}{p}: checkpoint directory not found")
+    if not (p / METADATA_FILE).is_file() and not (role and (p / role / METADATA_FILE).is_file()):
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(
+                f"{where}{p}: neither a c2f checkpoint ({METADATA_FILE}) nor a root holding complete step_* "
+                "checkpoints"
+            )
+        p = latest
+    if role and (p / role / METADATA_FILE).is_file():
+        p = p / role
+    if not (p / METADATA_FILE).is_file():
+        raise CheckpointError(f"{where}{p}: {METADATA_FILE} missing; not a complete c2f checkpoint")
+    return p
+
+
+def check_tokenizer(
+    info: dict[str, Any] | None, meta: CheckpointMetadata, where: str | Path, embedding_rows: bool = True
+) -> None:
+    """Refuse a tokenizer (its ``Tokenizer.info()`` dict) whose vocabulary differs from the one the
+    checkpoint recorded, or (``embedding_rows``) with more ids than the model has embedding rows."""
+    if not info:
+        return
+    recorded: dict[str, Any] = meta.tokenizer or {}
+    for key in ("fingerprint", "vocab_size", "eos_id"):
+        if recorded.get(key) is not None and info.get(key) is not None and recorded[key] != info[key]:
+            raise CheckpointError(
+                f"{where}: field tokenizer.{key} is {recorded[key]!r} but the configured tokenizer "
+                f"{info.get('name')!r} has {info[key]!r}; set the tokenizer the model was trained with"
+            )
+    if embedding_rows and info.get("vocab_size", 0) > meta.model.vocab_size:
+        raise CheckpointError(
+            f"{where}: model.vocab_size {meta.model.vocab_size} is smaller than the tokenizer's "
+            f"{info['vocab_size']} ids"
+        )

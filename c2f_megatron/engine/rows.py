@@ -1,0 +1,115 @@
+"""Per-row results of a model over a batch that every rank holds, on the model's own layout.
+
+PPO's roles score the whole iteration's batch (the same rows on every rank) at their own TP/PP: each
+data-parallel rank of the role's layout takes its contiguous slice of rows, runs megatron's forward-only
+schedule over it in micro-batches, the last pipeline stage's results are broadcast along the pipeline,
+and the slices are gathered back over data parallel, so every rank returns the results for all rows.
+
+A batch is anything with ``tokens`` ([b, s]), ``attention_mask()``, ``dp_shard(rank, size)``,
+``split(micro_batch_size)`` and ``len`` (``rl.experience.Experience``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from c2f_megatron.engine.role_model import RoleModel
+from c2f_megatron.platform.role_layout import RoleLayout
+
+
+class RowBatch(Protocol):
+    tokens: Tensor
+
+    def __len__(self) -> int: ...
+
+    def attention_mask(self) -> Tensor: ...
+
+    def dp_shard(self, dp_rank: int, dp_size: int) -> RowBatch: ...
+
+    def split(self, size: int) -> list[RowBatch]: ...
+
+
+def gather_rows(local: Tensor, layout: RoleLayout) -> Tensor:
+    """Concatenate every data-parallel rank's rows of ``layout`` in rank order (identity without DP)."""
+    if layout.dp == 1:
+        return local
+    flag = local.dtype == torch.bool  # gloo has no bool all_gather
+    x = local.to(torch.uint8) if flag else local
+    parts = [torch.empty_like(x) for _ in range(layout.dp)]
+    torch.distributed.all_gather(parts, x.contiguous(), group=layout.dp_group)
+    out = torch.cat(parts)
+    return out.bool() if flag else out
+
+
+def share_from_last_stage(
+    value: Tensor | None, shape: list[int], dtype: torch.dtype, layout: RoleLayout, over_tp: bool = False
+) -> Tensor:
+    """A tensor the last pipeline stage of ``layout`` computed, on every stage (``value`` is None
+    elsewhere); ``over_tp`` then sends TP rank 0's copy to its TP group (sampled tokens must not drift)."""
+    from c2f_megatron.platform.distributed import device
+
+    if layout.pp > 1:
+        if value is None:
+            value = torch.empty(shape, dtype=dtype, device=device())
+        value = value.to(dtype).contiguous()
+        torch.distributed.broadcast(value, src=layout.last_stage_rank, group=layout.pp_group)
+    if value is None:
+        raise RuntimeError(f"{layout.name}: the last pipeline stage computed nothing to share")
+    if over_tp and layout.tp > 1:
+        src = torch.distributed.get_global_rank(layout.tp_group, 0)
+        torch.distributed.broadcast(value, src=src, group=layout.tp_group)
+    return value
+
+
+def model_forward(data_iterator: Any, model: torch.nn.Module, loss_func: Callable) -> tuple[Tensor, Callable]:
+    """megatron ``forward_step_func``: the model on a row micro-batch with its attention mask."""
+    from c2f_megatron.models.gpt import position_ids_for
+
+    mb = next(data_iterator)
+    output = model(mb.tokens, position_ids_for(mb.tokens), mb.attention_mask())
+    return output, partial(loss_func, mb)
+
+
+def _collect(compute: Callable[[Tensor, Any], dict[str, Tensor]], mb: Any, output: Tensor):
+    """Forward-only ``loss_func``: no loss, the computed tensors ride in the 'reduced' slot."""
+    out = {k: v.detach() for k, v in compute(output, mb).items()}
+    zero = torch.zeros((), device=output.device)
+    return zero, torch.ones((), dtype=torch.int, device=output.device), out
+
+
+def forward_rows(
+    role: RoleModel,
+    batch: RowBatch,
+    micro_batch_size: int,
+    compute: Callable[[Tensor, Any], dict[str, Tensor]],
+    shapes: dict[str, tuple[int, ...]],
+) -> dict[str, Tensor]:
+    """``compute(output, micro_batch)`` over the whole ``batch`` on ``role``'s layout (see the module
+    docstring); every rank returns ``[len(batch), *shapes[key]]`` float32 tensors."""
+    from c2f_megatron.platform.distributed import device
+
+    layout = role.layout
+    local = batch.dp_shard(layout.dp_rank, layout.dp)
+    fwd = partial(model_forward, loss_func=partial(_collect, compute))
+    outputs = role.forward_only(fwd, local.split(micro_batch_size), batch.tokens.shape[1], micro_batch_size)
+    result: dict[str, Tensor] = {}
+    for key, row_shape in shapes.items():
+        value = torch.cat([o[key] for o in outputs]).float() if layout.is_last_stage else None
+        value = share_from_last_stage(value, [len(local), *row_shape], torch.float32, layout)
+        result[key] = gather_rows(value.to(device()), layout)
+    return result
+
+
+def train_rows(
+    role: RoleModel, batch: RowBatch, micro_batch_size: int, loss_func: Callable, loss_key: str
+) -> Any:
+    """One optimizer step of ``role`` on a minibatch every rank holds: its data-parallel slice in
+    micro-batches, ``loss_func(micro_batch, output)`` returning the loop's ``(loss, count, metrics)``."""
+    micro = batch.dp_shard(role.layout.dp_rank, role.layout.dp).split(micro_batch_size)
+    fwd = partial(model_forward, loss_func=loss_func)
+    return role.train_step(fwd, micro, batch.tokens.shape[1], micro_batch_size, loss_key=loss_key)
