@@ -118,3 +118,13 @@ def test_layer_spec_line_says_what_runs_and_why():
     )
     assert "model.layer_spec=local" in describe_layer_spec("local", "local")
     assert "\n" not in describe_layer_spec("auto", "te")
+
+
+def test_a_resumed_job_keeps_its_wandb_run_id(tmp_path):
+    from c2f_megatron.training.logging import WANDB_ID_FILE, wandb_run_id
+
+    first = wandb_run_id(tmp_path)
+    assert len(first) == 16 and (tmp_path / WANDB_ID_FILE).read_text().strip() == first
+    assert wandb_run_id(tmp_path) == first  # the requeued job finds it again
+    (tmp_path / "other").mkdir()
+    assert wandb_run_id(tmp_path / "other") != first

@@ -48,3 +48,36 @@ def test_prune_keeps_last_k_and_drops_stale_partials(tmp_path: Path) -> None:
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
     assert not (tmp_path / "step_0000002.partial").exists()
     assert (tmp_path / "step_0000009.partial").exists()
+
+
+def test_rng_state_round_trips_and_a_crafted_rng_file_cannot_run_code(tmp_path):
+    """RNG files hold tensors and plain types only and load with ``weights_only``: a pickle that would run
+    a command on auto-resume is refused in one line naming the file, and the command never runs."""
+    import os
+    import random
+
+    import numpy as np
+    import pytest
+    import torch
+
+    from c2f_megatron.checkpoint.megatron_dir import CheckpointError
+    from c2f_megatron.training import checkpointing as ck
+
+    path = tmp_path / "rank_00000.pt"
+    torch.save(ck.rng_state(), path)
+    expected = (np.random.rand(3), random.random(), torch.rand(2))
+    ck.set_rng_state(ck._load_rng_file(path))
+    assert (np.random.rand(3) == expected[0]).all() and random.random() == expected[1]
+    assert torch.equal(torch.rand(2), expected[2])
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"python": Payload()}, evil)
+    with pytest.raises(CheckpointError, match=f"{evil}: not a plain RNG state file"):
+        ck._load_rng_file(evil)
+    assert not marker.exists()

@@ -111,9 +111,11 @@ def rng_state() -> dict[str, Any]:
     """Every RNG this rank draws from, including megatron's model-parallel tracker."""
     from megatron.core import tensor_parallel
 
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # plain types and tensors only, so that loading needs no pickle of arbitrary objects (weights_only)
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -126,7 +128,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -259,7 +262,19 @@ def load_training_checkpoint(
             m.optimizer.load_state_dict(load_dist_state(opt_state, base / OPTIMIZER_SUBDIR))
     rng_file = ckpt / RNG_SUBDIR / f"rank_{_rank():05d}.pt"
     if load_rng and saved.get("world_size") == _world() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_load_rng_file(rng_file))
     elif load_rng:
         logger.warning("%s: RNG states not restored (world size changed); dropout streams will differ", ckpt)
     return state
+
+
+def _load_rng_file(path: Path) -> dict[str, Any]:
+    """A rank's RNG state, unpickled with ``weights_only`` (tensors and plain types only): a crafted file in
+    a checkpoint directory cannot run code on auto-resume."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{path}: not a plain RNG state file ({reason})") from None

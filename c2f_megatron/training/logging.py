@@ -2,7 +2,8 @@
 
 wandb runs offline by default (files under the run directory, ``wandb sync`` uploads later) so a training
 job never needs the network; ``online`` is opt-in and ``disabled`` turns it off. The ``WANDB_MODE``
-environment variable, when set, wins (tests set it to ``disabled``).
+environment variable, when set, wins (tests set it to ``disabled``). The run directory keeps its wandb run
+id (``wandb_run_id``), so a resumed or requeued job continues the same wandb run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,22 @@ def format_value(value: Any, short: bool = False) -> str:
 # The console line's budget: step, rate, ETA and the job's key metrics fit; everything else is in
 # metrics.jsonl and wandb (``logging.verbose`` prints it all).
 CONSOLE_WIDTH = 160
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run directory's wandb id, made once and kept in ``run_dir/wandb_run_id``: a resumed or requeued
+    job logs into the same wandb run instead of starting a new one."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
 
 
 class MetricsLogger:
@@ -88,6 +106,7 @@ class MetricsLogger:
                 mode=mode,
                 dir=str(run_dir),
                 config=config_dump,
+                id=wandb_run_id(run_dir),
                 resume="allow",
                 settings=wandb.Settings(silent=True),  # the job's own summary says where its files are
             )
