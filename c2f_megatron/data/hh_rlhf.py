@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 
 from c2f_megatron.data.chat import ChatFormat
 from c2f_megatron.data.templates import HH_ASSISTANT, PromptFormat, strip_stop_tokens
+from c2f_megatron.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -262,10 +262,7 @@ def load_hh_rlhf(
         result.truncated_to = max_pairs
     if result.malformed and skipped_log is not None:
         skipped_log = Path(skipped_log)
-        skipped_log.parent.mkdir(parents=True, exist_ok=True)
-        tmp = skipped_log.with_name(f".{skipped_log.name}.tmp.{os.getpid()}")
-        tmp.write_text(result.report(max_listed=len(result.malformed)) + "\n", encoding="utf-8")
-        os.replace(tmp, skipped_log)
+        write_atomic(skipped_log, result.report(max_listed=len(result.malformed)) + "\n")
         logger.warning("%s; listed in %s", result.report().split("\n", 1)[0], skipped_log)
     elif result.malformed:
         logger.warning("%s", result.report(max_listed=5))

@@ -203,7 +203,7 @@ def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> fl
     from c2f_megatron.eval import mt_bench as mt
     from c2f_megatron.eval.judge_client import JudgeClientConfig, OpenAIChatClient
     from c2f_megatron.eval.protocol import truncate_at_stop
-    from c2f_megatron.eval.report import write_atomic
+    from c2f_megatron.files import write_atomic
 
     mc = cfg.mt_bench
     base_url = mc.resolved_base_url()
@@ -256,7 +256,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from c2f_megatron.eval.hf_model import HFLanguageModel
     from c2f_megatron.eval.lm import TokenLM
     from c2f_megatron.eval.megatron_model import MegatronLM, RewardScorer
-    from c2f_megatron.eval.report import RunMetadata, benchmark_rows, write_atomic, write_report
+    from c2f_megatron.eval.report import RunMetadata, benchmark_rows, write_report
+    from c2f_megatron.files import write_atomic
     from c2f_megatron.platform.distributed import is_rank_zero
 
     assert cfg.checkpoint is not None
@@ -397,5 +398,4 @@ def _summary(name: str, out_dir: Path, row: dict, responses: dict | None, second
         summary.samples.append(
             Sample(f"response {i + 1}", responses["prompts"][i], responses["responses"][i])
         )
-    summary.write()
-    print(summary.console(), flush=True)
+    summary.finish()

@@ -11,12 +11,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from c2f_megatron.files import write_atomic
 
 Row = dict[str, Any]
 
@@ -98,21 +98,6 @@ def to_json(rows: Sequence[Row], meta: RunMetadata, title: str) -> str:
         "rows": list(rows),
     }
     return json.dumps(clean(doc), indent=2, ensure_ascii=False, default=str) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_report(out_dir: Path | str, name: str, rows: Sequence[Row], meta: RunMetadata) -> ReportPaths:

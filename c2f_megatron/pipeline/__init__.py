@@ -56,6 +56,5 @@ def main(config_path: str, overrides: list[str]) -> int:
     except StageFailed as exc:
         print(f"c2f pipeline: {exc}\nrerun the same command to resume at this stage", file=sys.stderr)
         return 1
-    summary.write()
-    print(summary.console(), flush=True)
+    summary.finish()
     return 0

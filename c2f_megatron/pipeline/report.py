@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from c2f_megatron.config import to_dict
-from c2f_megatron.pipeline.stages import StageFailed, gamma_of, write_atomic
+from c2f_megatron.files import write_atomic
+from c2f_megatron.pipeline.stages import StageFailed, gamma_of
 
 if TYPE_CHECKING:
     from c2f_megatron.pipeline.stages import Pipeline
@@ -23,11 +24,20 @@ if TYPE_CHECKING:
 RESPONSES = "responses.json"
 
 
+def _eval_row(p: Pipeline, name: str) -> dict[str, Any]:
+    """The table row ``c2f eval`` wrote for row ``name`` (its ``eval.json``)."""
+    return dict(json.loads(Path(p.outputs[f"eval/{name}"]).read_text())["rows"][0])
+
+
+def _responses(p: Pipeline, name: str) -> dict[str, Any]:
+    """Row ``name``'s prompts, responses and RM scores (the ``responses.json`` beside its ``eval.json``)."""
+    return json.loads((Path(p.outputs[f"eval/{name}"]).parent / RESPONSES).read_text())
+
+
 def _rows(p: Pipeline) -> list[dict[str, Any]]:
     rows = []
     for name, _ in p.eval_models():
-        doc = json.loads(Path(p.outputs[f"eval/{name}"]).read_text())
-        row = dict(doc["rows"][0])
+        row = _eval_row(p, name)
         row.pop("checkpoint", None)
         row.pop("model", None)
         rows.append({"model": name, "gamma": gamma_of(name), **row})
@@ -41,7 +51,7 @@ def pairwise_win_rates(p: Pipeline) -> list[dict[str, Any]]:
 
     out = []
     for a, b in p.cfg.report.pairs:
-        docs = [json.loads((Path(p.outputs[f"eval/{n}"]).parent / RESPONSES).read_text()) for n in (a, b)]
+        docs = [_responses(p, n) for n in (a, b)]
         if docs[0]["prompts"] != docs[1]["prompts"] or None in (docs[0]["rewards"], docs[1]["rewards"]):
             raise StageFailed(f"report.pairs [{a}, {b}]: the two evals differ in prompts or have no rewards")
         rate = win_rate(docs[0]["rewards"], docs[1]["rewards"])
@@ -169,13 +179,10 @@ def run_summary(p: Pipeline, seconds: float, report: Path) -> RunSummary:
         summary.metrics += [(f"coarse {k} (first -> last iteration)", a, b) for k, a, b in rows]
     if p.cfg.report.before_after:
         before, after = p.cfg.report.before_after
-        docs = {}
-        for name in (before, after):
-            doc = json.loads((p.stage_dir_of(f"eval/{name}") / "eval.json").read_text())
-            docs[name] = json.loads((p.stage_dir_of(f"eval/{name}") / RESPONSES).read_text())
-            docs[name]["row"] = doc["rows"][0]
+        docs = {name: _responses(p, name) for name in (before, after)}
+        table = {name: _eval_row(p, name) for name in (before, after)}
         for key in ("reward_mean", "length_mean", "eos_fraction", "redundancy", "win_rate"):
-            a, b = (docs[n]["row"].get(key) for n in (before, after))
+            a, b = (table[n].get(key) for n in (before, after))
             if isinstance(a, int | float) or isinstance(b, int | float):
                 summary.metrics.append((f"{key} ({before} -> {after})", a, b))
         for i in range(min(p.cfg.report.samples, len(docs[before]["prompts"]))):

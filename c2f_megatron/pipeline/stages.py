@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from c2f_megatron.config import ConfigError, deep_merge, from_dict, to_dict
+from c2f_megatron.files import write_atomic
 from c2f_megatron.pipeline.config import PACKAGED_SMOLLM2, PipelineConfig, VariantSection
 
 logger = logging.getLogger(__name__)
@@ -91,12 +92,6 @@ def subprocess_runner(args: list[str], nproc: int, log_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def write_atomic(path: Path, text: str) -> None:
-    from c2f_megatron.eval.report import write_atomic as write
-
-    write(path, text)
 
 
 def _set(mapping: dict[str, Any], dotted: str, value: Any) -> None:

@@ -43,7 +43,7 @@ from c2f_megatron.rl.experience import (
 )
 from c2f_megatron.rl.kl_control import build_kl_controller
 from c2f_megatron.rl.length_control import build_length_controller
-from c2f_megatron.rl.prompts import iteration_prompts
+from c2f_megatron.rl.prompts import PromptSource, iteration_prompts
 from c2f_megatron.rl.roles import Workers, build_workers
 from c2f_megatron.training.checkpointing import (
     ModelState,
@@ -238,10 +238,7 @@ def run(cfg: PPOJobConfig, config_dump: dict[str, Any] | None = None) -> RunResu
     )
     loop = run_loop(settings, state, iteration, save, log, resume_dir)
     if is_rank_zero():
-        summary = run_summary(cfg, time.time() - log.started, state.step, loop.stopped, loop.last_saved)
-        summary.outputs["skipped records"] = str(w.source.skipped_records or "(none)")
-        summary.write()
-        print(summary.console(), flush=True)
+        run_summary(cfg, log.elapsed(), state.step, loop.stopped, loop.last_saved, w.source).finish()
     return RunResult(state.step, loop.history, loop.last_saved)
 
 
@@ -295,7 +292,7 @@ class SampleLog:
 
 
 def run_summary(
-    cfg: PPOJobConfig, seconds: float, step: int, stopped: str, checkpoint: Path | None
+    cfg: PPOJobConfig, seconds: float, step: int, stopped: str, checkpoint: Path | None, source: PromptSource
 ) -> RunSummary:
     """What the run did, from its ``metrics.jsonl`` and ``samples.jsonl``: start/end metrics, the PPO
     curves plot, and the first and last iteration's sample response."""
@@ -309,7 +306,14 @@ def run_summary(
         run_dir,
         seconds,
         stopped_progress(step, cfg.ppo.iterations, "iteration", stopped),
-        job_outputs(run_dir, checkpoint, cfg.logging.wandb_mode, plot=plot, samples=run_dir / SAMPLES_FILE),
+        job_outputs(
+            run_dir,
+            checkpoint,
+            cfg.logging,
+            plot=plot,
+            samples=run_dir / SAMPLES_FILE,
+            skipped_records=source.skipped_records,
+        ),
         start_end(records, SUMMARY_KEYS),
     )
     shown = history_by_step(read_metrics_jsonl(run_dir / SAMPLES_FILE), "response")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -47,6 +46,7 @@ from c2f_megatron.checkpoint.steps import (
     list_checkpoints,
     step_dir,
 )
+from c2f_megatron.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,7 @@ def optimizer_sharded_state(
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def save_training_checkpoint(

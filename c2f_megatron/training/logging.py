@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from c2f_megatron.files import write_atomic
 from c2f_megatron.platform.distributed import is_rank_zero
 from c2f_megatron.training.config import LoggingConfig
 
@@ -48,6 +49,11 @@ CONSOLE_WIDTH = 160
 WANDB_ID_FILE = "wandb_run_id"
 
 
+def wandb_mode(cfg: LoggingConfig) -> str:
+    """The mode wandb runs in: ``$WANDB_MODE`` when set, else ``logging.wandb_mode``."""
+    return os.environ.get("WANDB_MODE", cfg.wandb_mode)
+
+
 def wandb_run_id(run_dir: Path) -> str:
     """The run directory's wandb id, made once and kept in ``run_dir/wandb_run_id``: a resumed or requeued
     job logs into the same wandb run instead of starting a new one."""
@@ -55,9 +61,7 @@ def wandb_run_id(run_dir: Path) -> str:
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:16]
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, run_id + "\n")
     return run_id
 
 
@@ -84,7 +88,6 @@ class MetricsLogger:
         self.start_step = start_step
         self.console_keys = tuple(console_keys)
         self.unit = unit
-        self.started = time.time()
         self.rank_zero = is_rank_zero()
         self.stream = stream or sys.stdout
         self._t0 = time.perf_counter()
@@ -95,7 +98,7 @@ class MetricsLogger:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
-        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        mode = wandb_mode(cfg)
         if mode != "disabled":
             import wandb
 
@@ -111,10 +114,14 @@ class MetricsLogger:
                 settings=wandb.Settings(silent=True),  # the job's own summary says where its files are
             )
 
+    def elapsed(self) -> float:
+        """Seconds since the logger (the job's loop) started."""
+        return time.perf_counter() - self._t0
+
     def progress(self, step: int) -> str:
         """``step/total``, steps per second since start, and ETA."""
         done = step - self.start_step
-        elapsed = time.perf_counter() - self._t0
+        elapsed = self.elapsed()
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         width = len(str(self.total_steps))

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from c2f_megatron.files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("USR1", "TERM")
@@ -147,12 +149,10 @@ class PreemptionHandler:
         if self.marker_file is None or (dist.is_initialized() and dist.get_rank() != 0):
             return
         self.marker_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.marker_file.with_name(self.marker_file.name + ".tmp")
         record = {
             "step": step,
             "checkpoint": str(checkpoint) if checkpoint else None,
             "reason": self.reason(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, self.marker_file)
+        write_atomic(self.marker_file, json.dumps(record) + "\n")

@@ -9,7 +9,6 @@ helpers here are the ones the pipeline report uses too.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -18,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from c2f_megatron.training.logging import format_duration, format_value
+from c2f_megatron.files import read_jsonl, write_atomic
+from c2f_megatron.training.config import LoggingConfig
+from c2f_megatron.training.logging import format_duration, format_value, wandb_mode
 
 SUMMARY_FILE = "summary.md"
 
@@ -28,19 +29,11 @@ def read_metrics_jsonl(path: Path, prefix: str | None = None) -> list[dict[str, 
     ``prefix`` only the records logged under it (``train``, ``eval``)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: metrics file not found")
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not JSON ({exc.msg})") from None
-            if prefix is not None and not any(key.startswith(f"{prefix}/") for key in raw):
-                continue
-            records.append({key.split("/", 1)[-1]: value for key, value in raw.items()})
-    return records
+    return [
+        {key.split("/", 1)[-1]: value for key, value in raw.items()}
+        for raw in read_jsonl(path)
+        if prefix is None or any(key.startswith(f"{prefix}/") for key in raw)
+    ]
 
 
 def history_by_step(records: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -177,10 +170,13 @@ class RunSummary:
     def write(self) -> Path:
         """``<run_dir>/summary.md``, written atomically."""
         path = self.run_dir / SUMMARY_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-        tmp.write_text(self.markdown(), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, self.markdown())
+        return path
+
+    def finish(self) -> Path:
+        """The end of a job: ``summary.md`` written, the block printed."""
+        path = self.write()
+        print(self.console(), flush=True)
         return path
 
 
@@ -214,14 +210,14 @@ def wandb_output(run_dir: Path, mode: str) -> str | None:
 
 
 def job_outputs(
-    run_dir: Path, checkpoint: Path | None, wandb_mode: str, **more: Path | None
+    run_dir: Path, checkpoint: Path | None, logging_cfg: LoggingConfig, **more: Path | None
 ) -> dict[str, str]:
     """The outputs every job has (checkpoint, metrics, config, wandb, this summary) plus ``more``."""
     outputs = {"run dir": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else "(none saved)"}
     outputs["metrics"] = str(run_dir / "metrics.jsonl")
     outputs["config"] = str(run_dir / "config.yaml")
     outputs.update({k.replace("_", " "): str(v) for k, v in more.items() if v is not None})
-    wandb = wandb_output(run_dir, os.environ.get("WANDB_MODE", wandb_mode))
+    wandb = wandb_output(run_dir, wandb_mode(logging_cfg))
     if wandb:
         outputs["wandb"] = wandb
     outputs["summary"] = str(run_dir / SUMMARY_FILE)

@@ -10,7 +10,6 @@ exit and preemption).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,15 +197,14 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
         summary = RunSummary(
             task.name,
             Path(cfg.logging.run_dir),
-            time.time() - log.started,
+            log.elapsed(),
             stopped_progress(state.step, train_cfg.train_steps, "step", loop.stopped),
         )
         summary.outputs = job_outputs(
-            summary.run_dir, loop.last_saved, cfg.logging.wandb_mode, skipped_records=task.skipped_records
+            summary.run_dir, loop.last_saved, cfg.logging, skipped_records=task.skipped_records
         )
         summary.metrics = _start_end_metrics(summary.run_dir)
-        summary.write()
-        print(summary.console(), flush=True)
+        summary.finish()
     return RunResult(state.step, loop.history, eval_metrics, loop.last_saved)
 
 

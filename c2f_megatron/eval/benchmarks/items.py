@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from c2f_megatron import files
 
 Source = Literal["local", "hub"]
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -89,18 +90,8 @@ def _other_index(i: int, n: int, seed: int) -> int:
 
 
 def read_jsonl(path: Path, error: type[ValueError] = BenchmarkDataError) -> list[dict[str, Any]]:
-    """All records of a JSON Lines file; a missing file or a bad line raises ``error`` naming file:line."""
-    if not path.is_file():
-        raise error(f"{path}: file not found")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise error(f"{path}:{lineno}: invalid JSON ({e})") from e
-    return rows
+    """All records of a benchmark's JSON Lines file; a missing file or a bad line raises ``error``."""
+    return files.read_jsonl(path, error)
 
 
 def require_field(
