@@ -101,7 +101,9 @@ def main() -> None:
         t: dict[str, float] = {}
         rollout, t["rollout"] = timed(w.actor.generate, prompts, gen, offset)
         exp = gather_experience(Experience.from_rollout(rollout), w.actor.layout, w.source.pad_id)
-        (exp.old_logprobs, exp.entropy), t["actor_logprobs"] = timed(w.actor.compute_log_probs, exp)
+        (exp.old_logprobs, exp.entropy, exp.eos_mass), t["actor_logprobs"] = timed(
+            w.actor.compute_log_probs, exp
+        )
         exp.ref_logprobs, t["ref_logprobs"] = timed(w.reference.compute_log_probs, exp)
         exp.values, t["critic_values"] = timed(w.critic.compute_values, exp)
         exp.raw_scores, t["reward"] = timed(w.reward.score, exp)

@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("c2f_megatron.info_cli", "show presets, layer-spec choice and the platform"),
     "convert": ("c2f_megatron.checkpoint.convert_cli", "convert checkpoints between HF and Megatron"),
+    "checkpoint": ("c2f_megatron.checkpoint.check_cli", "verify checkpoints against their manifests"),
     "merge": ("c2f_megatron.merge.cli", "Knowledge Residue Merger: gamma-weighted checkpoint merge"),
     "train-lm": ("c2f_megatron.training.cli", "train a language model (next-token loss)"),
     "train-sft": ("c2f_megatron.training.cli", "supervised fine-tuning (loss on responses)"),

@@ -126,7 +126,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            reason = " ".join(str(exc).split())
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason})") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 

@@ -90,3 +90,28 @@ def run_python(script: str | Path, args: list[str], timeout: int = 600, threads:
             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
         )
     return proc.stdout
+
+
+def run_c2f(*args: object, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``c2f ARGS`` in a fresh process, from the repository root (example configs resolve)."""
+    return subprocess.run(
+        [sys.executable, "-m", "c2f_megatron.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=worker_env(2),
+        cwd=REPO_ROOT,
+    )
+
+
+def refusal(proc: subprocess.CompletedProcess, command: str | None = None) -> str:
+    """The one line a refused ``c2f`` command printed: exit code 2, no traceback anywhere, exactly one line
+    on stderr (starting ``c2f COMMAND:`` when ``command`` is given). Returns that line."""
+    everything = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 2, everything
+    assert "Traceback" not in proc.stdout + proc.stderr, everything
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, everything
+    if command is not None:
+        assert lines[0].startswith(f"c2f {command}: "), lines[0]
+    return lines[0]

@@ -118,3 +118,8 @@ def test_field_docs_and_defaults_reach_the_help() -> None:
         [sys.executable, "-m", "c2f_megatron.cli", "coarse-actor", "--help"], capture_output=True, text=True
     ).stdout
     assert "config fields" in out and "  length.cm.max_length = " in out
+
+
+def test_an_override_that_is_not_yaml_is_one_config_error():
+    with pytest.raises(ConfigError, match=r"^override 'a.b=\{x:': the value is not valid YAML \("):
+        parse_overrides(["a.b={x:"])

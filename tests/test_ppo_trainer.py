@@ -195,3 +195,38 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path: Path) -> None:
     # the CM limit rose during the run and the resumed half continued from the restored controller
     assert full[-1]["train/rollout_length_limit"] > full[0]["train/rollout_length_limit"]
     assert full[2]["train/kl_coef"] != full[0]["train/kl_coef"]
+
+
+def test_nonfinite_iterations_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
+    """The critic's loss NaN from iteration 2: iterations 2-4 skip their updates (logged, with the reason),
+    and the run stops after ppo.max_consecutive_nonfinite=3 of them in a row, exit code 3."""
+    import subprocess
+    import sys
+
+    from tests.launch import WORKERS, worker_env
+
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "ppo.yaml", run_dir, TINY)
+    args = [
+        "ppo.iterations=6",
+        "ppo.epochs=1",
+        "ppo.micro_batch_size=32",
+        f"checkpoint.dir={tmp_path / 'ck'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(WORKERS / "ppo_nan.py"), "2", str(cfg), *args],
+        capture_output=True,
+        text=True,
+        env=worker_env(2),
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert (
+        "3 consecutive non-finite iterations (ppo.max_consecutive_nonfinite=3); stopping at iteration 4"
+        in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert "iteration 2: non-finite loss or grad norm; update skipped (1 in a row)" in proc.stdout
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if r.get("train/skipped_steps", 0) > 0] == [2, 3, 4]
+    assert rows[0]["step"] == 1 and rows[0]["train/skipped_steps"] == 0

@@ -24,10 +24,13 @@ from c2f_megatron.data import (
     prompts_for_rl,
 )
 from tests.launch import run_python, run_torchrun
-from tests.test_convert import TO_HF, TO_MEGATRON, VERIFY, _verified_diff, assert_bitwise_equal
+from tests.test_convert import TO_HF, TO_MEGATRON, _verified_diff, assert_bitwise_equal
 
 WORKER = "smollm2_checks.py"
-TOLERANCE = 1e-4  # fp32 logits, absolute
+# fp32 logits, absolute, over 30 layers with logits up to ~30 in size: the summation order of the CPU's
+# kernels sets the last bits (1.011e-4 measured on an AVX2-only AMD EPYC, below 1e-4 on the earlier machines)
+TOLERANCE = 2e-4
+VERIFY = ["--verify", "--verify-seq-len", "24", "--verify-tolerance", str(TOLERANCE)]
 NEAR_TIE = 1e-4  # a greedy divergence may only start where HF's top-2 logit gap is below this
 
 

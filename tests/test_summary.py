@@ -128,3 +128,23 @@ def test_a_resumed_job_keeps_its_wandb_run_id(tmp_path):
     assert wandb_run_id(tmp_path) == first  # the requeued job finds it again
     (tmp_path / "other").mkdir()
     assert wandb_run_id(tmp_path / "other") != first
+
+
+def test_the_wandb_id_is_the_run_dirs_else_the_checkpoints_else_new(tmp_path):
+    from c2f_megatron.training.logging import WANDB_ID_FILE, wandb_run_id
+
+    requeued = tmp_path / "requeued"  # a new run directory: the resumed checkpoint's id continues its run
+    assert wandb_run_id(requeued, from_checkpoint="abc123") == "abc123"
+    assert (requeued / WANDB_ID_FILE).read_text().strip() == "abc123"
+    assert wandb_run_id(requeued, from_checkpoint="other") == "abc123"  # the run directory's file wins
+    assert wandb_run_id(tmp_path / "fresh", from_checkpoint=None) not in ("abc123", "other")
+
+
+def test_the_logger_names_the_id_for_the_next_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = LoggingConfig(wandb_mode="offline", run_dir=str(tmp_path))
+    log = MetricsLogger(cfg, 10, checkpoint_run_id="abc123")
+    assert log.run_id == "abc123"  # wandb off: the checkpoint's id is carried to the next checkpoint
+    log.log_table(1, "samples", ["a"], [[1]])  # no wandb: a no-op
+    log.close()
+    assert not (tmp_path / "wandb_run_id").exists()

@@ -1,10 +1,16 @@
 """Checkpoint formats and conversions: the c2f megatron checkpoint directory (``megatron_dir``) and training
 step directories (``steps``), the one resolver and tokenizer check (``resolve``), the one HF safetensors
 reader/writer (``hf_dir``), the HF <-> megatron mapping (``hf_mapping``), the converters (``convert``,
-``verify``), GGUF import (``gguf``, ``gguf_reader``) and atomic output directories (``atomic_dir``).
+``verify``), GGUF import (``gguf``, ``gguf_reader``) atomic output directories (``atomic_dir``) and their
+manifests (``manifest``), with the one error type, ``CheckpointError``.
 
 Kept import-light (no torch): the merge tool detects a c2f checkpoint by its metadata file without torch.
 """
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or checkpoint output) that cannot be used, with the file and field named."""
+
 
 # The file that marks a complete c2f checkpoint directory (``megatron_dir.CheckpointMetadata``).
 METADATA_FILE = "c2f_checkpoint.json"

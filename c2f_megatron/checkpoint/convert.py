@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES
+from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES, atomic_dir
 from c2f_megatron.checkpoint import hf_mapping as hm
 from c2f_megatron.checkpoint.hf_dir import (
     HFCheckpoint,
@@ -250,7 +250,8 @@ def convert_hf_to_megatron(
         report.max_logit_diff, report.tolerance = verify_against_hf(
             chunk, cfg, hf_dir, verify_seq_len, verify_tolerance
         )
-    save_model_checkpoint([chunk], out, metadata, force=force, extra_parts=copy_tokenizer)
+    side = sum(f.stat().st_size for f in tokenizer_files)
+    save_model_checkpoint([chunk], out, metadata, force=force, extra_parts=copy_tokenizer, extra_bytes=side)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -328,34 +329,39 @@ def convert_megatron_to_hf(
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     chunk = build_gpt_model(cfg, perform_initialization=False)
     load_model_checkpoint([chunk], megatron_dir)
-    tmp = prepare_output(out, force=force)
-    writer_rank = (
-        parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-    )
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    writer = ShardWriter(tmp, f"part-{stage:03d}", max_bytes)
-    params = dict(chunk.named_parameters())
-    spec = hm.detect_layer_spec(list(params))
-    with torch.no_grad():
-        for name, param in params.items():
-            rule, local = hm.rule_for(name, spec, cfg.tied_embeddings)
-            if rule is hm.TIED_HEAD:  # the last stage's copy of the embedding (exported by the first)
-                continue
-            layer = None if local is None else _layer_offset(chunk, local)
-            for hf_name, tensor in hf_tensors_of(name, param, rule, layer, cfg):
-                if writer_rank:
-                    writer.add(hf_name, tensor.to(DTYPES[out_dtype]))
-    writer.flush()
-    del chunk, params
+    tok_dir = Path(megatron_dir) / TOKENIZER_SUBDIR
+    side = sum(f.stat().st_size for f in tok_dir.iterdir()) if tok_dir.is_dir() else 0
+    need = cfg.num_parameters() * DTYPES[out_dtype].itemsize + side
+    with atomic_dir.cleanup_on_failure(Path(out), need_bytes=need):
+        tmp = prepare_output(out, force=force)
+        writer_rank = (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        )
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        writer = ShardWriter(tmp, f"part-{stage:03d}", max_bytes)
+        params = dict(chunk.named_parameters())
+        spec = hm.detect_layer_spec(list(params))
+        with torch.no_grad():
+            for name, param in params.items():
+                rule, local = hm.rule_for(name, spec, cfg.tied_embeddings)
+                if rule is hm.TIED_HEAD:  # the last stage's copy of the embedding (exported by the first)
+                    continue
+                layer = None if local is None else _layer_offset(chunk, local)
+                for hf_name, tensor in hf_tensors_of(name, param, rule, layer, cfg):
+                    if writer_rank:
+                        writer.add(hf_name, tensor.to(DTYPES[out_dtype]))
+        writer.flush()
+        del chunk, params
 
-    written = writer.written if writer_rank else []
-    if dist.is_initialized():
-        everything: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everything, written)
-        written = [w for part in everything for w in part]
-    if _is_global_rank_zero():
-        _finish_hf_dir(tmp, sorted(written), hf_config, Path(megatron_dir), meta)
-    commit_output(tmp, out, None)
+        written = writer.written if writer_rank else []
+        if dist.is_initialized():
+            everything: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everything, written)
+            written = [w for part in everything for w in part]
+        if _is_global_rank_zero():
+            _finish_hf_dir(tmp, sorted(written), hf_config, Path(megatron_dir), meta)
+        commit_output(tmp, out, None)
     return ConversionReport(Path(out), time.perf_counter() - start)
 
 

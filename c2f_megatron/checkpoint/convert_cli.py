@@ -119,7 +119,7 @@ def _guarded(convert) -> int:
 
     try:
         report = convert()
-    except (CheckpointError, FileExistsError, FileNotFoundError) as exc:
+    except (CheckpointError, OSError) as exc:
         print(f"c2f convert: error: {exc}", file=sys.stderr)
         return 2
     except BaseException:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from c2f_megatron.checkpoint.atomic_dir import commit_output, partial_path, prepare_output
+from c2f_megatron.checkpoint.atomic_dir import cleanup_on_failure, commit_output, prepare_output
 from c2f_megatron.checkpoint.convert import DEFAULT_MAX_SHARD, ConversionReport
 from c2f_megatron.checkpoint.gguf_reader import (
     _LAYER_RE,
@@ -265,8 +264,9 @@ def convert_gguf_to_hf(
         raise ConversionError(f"{out}: output already exists (pass --force to replace it)")
     plan = plan_gguf_conversion(gguf_path, dtype)
     tokenizer = build_tokenizer(plan.path) if plan.has_tokenizer else None
-    tmp = prepare_output(out, force)
-    try:
+    need = sum(int(t.n_elements) for t, _ in plan.tensors) * DTYPES[dtype].itemsize
+    with cleanup_on_failure(out, need_bytes=need):
+        tmp = prepare_output(out, force)
         writer = ShardWriter(tmp, "part", max_bytes)
         for name, tensor in iter_hf_tensors(plan, dtype):
             writer.add(name, tensor)
@@ -289,7 +289,4 @@ def convert_gguf_to_hf(
         }
         (tmp / "c2f_provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         commit_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(partial_path(out), ignore_errors=True)
-        raise
     return ConversionReport(out, time.perf_counter() - start)

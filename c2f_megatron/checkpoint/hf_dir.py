@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from c2f_megatron.checkpoint import manifest
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Bytes per element of every safetensors dtype.
@@ -149,6 +151,9 @@ def read_safetensors_header(path: Path, error: type[Exception]) -> tuple[dict[st
 def open_hf_checkpoint(path: str | Path, error: type[Exception]) -> HFCheckpoint:
     """Read config.json, the index (if sharded) and every shard header; nothing is loaded."""
     path = Path(path)
+    problems = manifest.verify(path, checksums=False) if (path / manifest.MANIFEST_FILE).is_file() else []
+    if problems:
+        raise error(problems[0])
     config = read_hf_config(path, error)
     index = None
     if (path / INDEX_FILE).is_file():

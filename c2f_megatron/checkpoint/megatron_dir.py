@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,16 +24,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from c2f_megatron.checkpoint import METADATA_FILE, atomic_dir
+from c2f_megatron.checkpoint import METADATA_FILE, CheckpointError, atomic_dir, manifest
+from c2f_megatron.checkpoint.manifest import DIST_CHECKPOINT_FILES
+from c2f_megatron.files import write_atomic
 from c2f_megatron.models.config import ModelConfig
 
 MODEL_SUBDIR = "model"
 FORMAT_NAME = "c2f-megatron"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the file and field named."""
 
 
 @dataclasses.dataclass
@@ -116,17 +114,31 @@ def prepare_output(out_dir: str | Path, force: bool = False) -> Path:
 
 
 def commit_output(tmp: Path, out_dir: str | Path, metadata: CheckpointMetadata | None) -> Path:
-    """Write metadata (rank 0) and atomically move ``tmp`` to ``out_dir`` once every rank is done."""
+    """Write metadata (rank 0), the manifest (every rank checksums a slice of the files) and atomically
+    move ``tmp`` to ``out_dir`` once every rank is done."""
     out = Path(out_dir)
     _barrier()
+    if _rank() == 0 and metadata is not None:
+        write_atomic(tmp / METADATA_FILE, json.dumps(metadata.to_json(), indent=2, sort_keys=True))
+    records = _file_records(tmp)
     if _rank() == 0:
-        if metadata is not None:
-            meta_tmp = tmp / (METADATA_FILE + ".tmp")
-            meta_tmp.write_text(json.dumps(metadata.to_json(), indent=2, sort_keys=True))
-            os.replace(meta_tmp, tmp / METADATA_FILE)
-        atomic_dir.commit_output(tmp, out)
+        atomic_dir.commit_output(tmp, out, records)
     _barrier()
     return out
+
+
+def _file_records(tmp: Path) -> list[manifest.FileRecord] | None:
+    """The manifest records of ``tmp``, each rank reading (and fsyncing) every world-size-th file."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    _barrier()
+    listing = [manifest.list_files(tmp) if _rank() == 0 else None]
+    dist.broadcast_object_list(listing, src=0)
+    world = dist.get_world_size()
+    mine = manifest.file_records(tmp, listing[0][_rank() :: world])
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return [r for part in gathered for r in part]
 
 
 def sharded_model_state(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
@@ -162,15 +174,116 @@ def save_dist_state(sharded_state: dict[str, Any], directory: Path) -> None:
     if _rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(sharded_state, str(directory))
+    # its writer logs a worker's error before raising it again: the raised one is reported, once
+    quiet = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        dist_checkpointing.save(sharded_state, str(directory))
+    finally:
+        quiet.setLevel(level)
 
 
 def load_dist_state(sharded_state: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Load a distributed checkpoint part after checking its files against the manifest (sizes; see
+    ``manifest.verify``); any failure is one ``CheckpointError`` naming the directory and the file."""
     from megatron.core import dist_checkpointing
 
     if not (directory / "metadata.json").is_file():
         raise CheckpointError(f"{directory}: no megatron distributed checkpoint here (metadata.json missing)")
-    return dist_checkpointing.load(sharded_state, str(directory))
+    problems = verify_checkpoint(directory)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more; `c2f checkpoint verify` lists them)"
+            if len(problems) > 1
+            else ""
+        )
+        raise CheckpointError(problems[0] + more)
+    check_pickles(directory)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        return dist_checkpointing.load(sharded_state, str(directory))
+    except (Exception, CheckpointException) as exc:
+        cause = next(iter(getattr(exc, "failures", {}).values()), (exc,))[0]  # torch.dcp wraps per rank
+        reason = " ".join(str(cause).split())
+        reason = (
+            reason.split(". ")[0] if len(reason) > 160 else reason
+        ) or "unexpected end of data (truncated?)"
+        raise CheckpointError(
+            f"{directory}: cannot load the distributed checkpoint ({type(cause).__name__}: {reason})"
+        ) from exc
+
+
+# What a torch.distributed.checkpoint ``.metadata`` pickle may name: dcp's own metadata classes, torch dtypes,
+# sizes and layouts, and plain containers.
+_DCP_GLOBALS = {
+    "torch": {
+        "Size",
+        "strided",
+        *(str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)),
+    },
+    "torch.serialization": {"_get_layout"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "tuple", "list", "dict"},
+}
+
+
+def check_pickles(directory: Path) -> None:
+    """Refuse a distributed checkpoint whose pickles could run code, before torch reads them: ``.metadata``
+    may name nothing beyond ``_DCP_GLOBALS`` (torch.distributed.checkpoint reads it with plain
+    ``pickle.load``), and ``common.pt`` must load with ``weights_only`` (whatever torch's default is)."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module.startswith("torch.distributed.checkpoint.") or name in _DCP_GLOBALS.get(module, ()):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+    def refuse(path: Path, what: str, exc: BaseException) -> CheckpointError:
+        reason = " ".join(str(exc).split())
+        reason = (reason.split(". ")[0] if len(reason) > 160 else reason) or type(exc).__name__
+        return CheckpointError(f"{path}: not a plain {what} ({reason}); refused")
+
+    for name in DIST_CHECKPOINT_FILES[1:]:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name}: missing (distributed checkpoint incomplete)")
+    try:
+        with open(directory / ".metadata", "rb") as f:
+            Restricted(f).load()
+    except Exception as exc:
+        raise refuse(directory / ".metadata", "distributed-checkpoint index", exc) from None
+    try:
+        torch.load(directory / "common.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise refuse(directory / "common.pt", "tensor file", exc) from None
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """What is wrong with ``path`` against its manifest (``manifest.verify``): every rank checks all sizes
+    and the CRC-32 of a slice of the files, and all get the same list. All ranks call it (as they call
+    ``dist_checkpointing.load``). A directory verified whole in this process is not read again (resume
+    verifies a step, then loads its parts)."""
+    path = Path(path)
+    found = manifest.find_manifest(path)
+    key = None
+    if found is not None:
+        key = (found[0].resolve(), (found[0] / manifest.MANIFEST_FILE).stat().st_mtime_ns)
+        if key in _VERIFIED:
+            return []
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    problems = manifest.verify(path, checksums=False) or manifest.verify(path, part=(_rank(), world))
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, problems)
+        problems = sorted({p for part in gathered for p in part})
+    if not problems and found is not None and not found[1]:
+        _VERIFIED.add(key)
+    return problems
+
+
+_VERIFIED: set[tuple[Path, int]] = set()  # (directory, manifest mtime) checked whole by this process
 
 
 def save_model_checkpoint(
@@ -179,16 +292,29 @@ def save_model_checkpoint(
     metadata: CheckpointMetadata,
     force: bool = False,
     extra_parts: Callable[[Path], None] | None = None,
+    extra_bytes: int = 0,
 ) -> Path:
     """Save this rank's model shards (all ranks call it) as a complete c2f checkpoint at ``out_dir``.
 
-    ``extra_parts(tmp_dir)`` may write more parts (optimizer, trainer state) before the commit.
+    ``extra_parts(tmp_dir)`` may write more parts (optimizer, trainer state, about ``extra_bytes``) before
+    the commit.
     """
-    tmp = prepare_output(out_dir, force=force)
-    save_dist_state(sharded_model_state(model_chunks), tmp / MODEL_SUBDIR)
-    if extra_parts is not None:
-        extra_parts(tmp)
-    return commit_output(tmp, out_dir, metadata)
+    out = Path(out_dir)
+    with atomic_dir.cleanup_on_failure(out, need_bytes=model_bytes(metadata) + extra_bytes):
+        tmp = prepare_output(out, force=force)
+        save_dist_state(sharded_model_state(model_chunks), tmp / MODEL_SUBDIR)
+        if extra_parts is not None:
+            extra_parts(tmp)
+        return commit_output(tmp, out, metadata)
+
+
+def model_bytes(metadata: CheckpointMetadata) -> int:
+    """About the bytes of a checkpoint's ``model/`` part: its parameters, vocabulary padding included, at its
+    dtype."""
+    cfg = metadata.model
+    padding = (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.hidden_size
+    padding *= 2 if cfg.untie_embeddings_and_output_weights else 1
+    return (cfg.num_parameters() + padding) * (4 if metadata.dtype == "fp32" else 2)
 
 
 def load_model_checkpoint(

@@ -7,6 +7,9 @@ Every command that takes a checkpoint path (``actor.init_from``, ``reward.path``
 - a training root: its newest complete ``step_*`` (``checkpoint.steps``);
 - a multi-model step (PPO's ``actor/`` and ``critic/``): the model named by ``role`` inside it.
 
+The files of the checkpoint are checked against its manifest (sizes) here, so that a truncated or missing
+file is refused before any model is built; the load checks the CRC-32s (``megatron_dir.verify_checkpoint``).
+
 ``check_tokenizer`` is the one comparison between the tokenizer a run uses and the one a checkpoint
 recorded (fingerprint, vocabulary size, EOS), and the one check that the model has an embedding row for
 every id.
@@ -17,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from c2f_megatron.checkpoint import METADATA_FILE
+from c2f_megatron.checkpoint import METADATA_FILE, manifest
 from c2f_megatron.checkpoint.megatron_dir import CheckpointError, CheckpointMetadata
 from c2f_megatron.checkpoint.steps import latest_checkpoint
 
@@ -41,6 +44,9 @@ def resolve_checkpoint(path: str | Path, role: str | None = None, field: str | N
         p = p / role
     if not (p / METADATA_FILE).is_file():
         raise CheckpointError(f"{where}{p}: {METADATA_FILE} missing; not a complete c2f checkpoint")
+    problems = manifest.verify(p, checksums=False)  # a stat per file: refused before any model is built
+    if problems:
+        raise CheckpointError(f"{where}{problems[0]}")
     return p
 
 

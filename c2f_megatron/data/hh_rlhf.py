@@ -4,25 +4,27 @@ Each record holds two full dialogues, ``chosen`` and ``rejected``, that share ev
 Assistant turn. We split both at their last ``"\\n\\nAssistant:"`` into a shared prompt and two responses.
 Records that do not fit this shape are never dropped silently: the loader returns them as
 :class:`MalformedRecord` (file, line, reason) and logs a summary, because a reward model trained on
-mis-split pairs learns from text that was never the response.
+mis-split pairs learns from text that was never the response. A source that gives no pair at all (empty,
+only blank lines, every record malformed), a file that cannot be read (truncated or corrupt gzip) and a
+training split left empty raise :class:`~c2f_megatron.files.DataFileError` naming the file, before
+anything is written.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from c2f_megatron.data.chat import ChatFormat
 from c2f_megatron.data.templates import HH_ASSISTANT, PromptFormat, strip_stop_tokens
-from c2f_megatron.files import write_atomic
+from c2f_megatron.files import DataFileError, read_lines, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -159,33 +161,52 @@ class LoadResult:
             lines.append(f"  ... and {len(self.malformed) - max_listed} more")
         return "\n".join(lines)
 
+    def log(self, skipped_log: str | Path | None = None) -> Path | None:
+        """Log the summary; with ``skipped_log`` the full list of malformed records goes to that file,
+        which is returned (None when there were none or no file was given)."""
+        if self.malformed and skipped_log is not None:
+            skipped_log = Path(skipped_log)
+            write_atomic(skipped_log, self.report(max_listed=len(self.malformed)) + "\n")
+            logger.warning("%s; listed in %s", self.report().split("\n", 1)[0], skipped_log)
+            return skipped_log
+        if self.malformed:
+            logger.warning("%s", self.report(max_listed=5))
+        else:
+            logger.info("%s", self.report())
+        return None
 
-def _read_lines(path: Path) -> Iterator[bytes]:
-    """Raw lines of a .jsonl or .jsonl.gz file; unreadable files raise errors that name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"HH-RLHF file not found: {path}")
-    if path.name.endswith(".gz"):
-        with path.open("rb") as fh:
-            if fh.read(2) != b"\x1f\x8b":
-                raise OSError(f"HH-RLHF file {path} is named .gz but is not gzip-compressed")
-        opener = gzip.open
-    else:
-        opener = open
-    try:
-        with opener(path, "rb") as fh:
-            yield from fh
-    except (OSError, EOFError) as exc:  # truncated or corrupt gzip stream
-        raise OSError(f"HH-RLHF file {path} could not be read: {exc}") from exc
+
+def _check_source(source: str, pairs: int, malformed: Sequence[MalformedRecord], empty: str) -> None:
+    """A source that gave no pair is refused: it is empty, or not HH-RLHF data at all."""
+    if pairs:
+        return
+    records = [m for m in malformed if m.reason != EMPTY_LINE]
+    if not malformed:
+        raise DataFileError(f"{source}: {empty}")
+    if not records:
+        raise DataFileError(f"{source}: {empty} (only blank lines)")
+    first = records[0]
+    if all(m.reason == BAD_UTF8 for m in records):
+        raise DataFileError(f"{source}:{first.line}: not valid UTF-8 ({first.detail}); no line decodes")
+    counts = ", ".join(f"{r} {n}" for r, n in Counter(m.reason for m in records).most_common())
+    raise DataFileError(
+        f"{source}: no valid preference pair: all {len(records)} record(s) skipped ({counts}); first at "
+        f"line {first.line}: {first.reason}" + (f" ({first.detail})" if first.detail else "")
+    )
 
 
 def _load_file(path: Path, result: LoadResult) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
     source = str(path)
     result.sources.append(source)
-    for line_no, raw in enumerate(_read_lines(path), start=1):
+    pairs, malformed = len(result.pairs), len(result.malformed)
+    for line_no, raw in read_lines(path):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            result.malformed.append(MalformedRecord(source, line_no, BAD_UTF8, str(exc)))
+            detail = f"{exc.reason} at byte {exc.start}"
+            result.malformed.append(MalformedRecord(source, line_no, BAD_UTF8, detail))
             continue
         if not text.strip():
             result.malformed.append(MalformedRecord(source, line_no, EMPTY_LINE))
@@ -196,6 +217,7 @@ def _load_file(path: Path, result: LoadResult) -> None:
             result.malformed.append(MalformedRecord(source, line_no, BAD_JSON, exc.msg))
             continue
         _add_record(record, source, line_no, result)
+    _check_source(source, len(result.pairs) - pairs, result.malformed[malformed:], "empty file")
 
 
 def _add_record(record: Any, source: str, line: int, result: LoadResult) -> None:
@@ -208,13 +230,20 @@ def _add_record(record: Any, source: str, line: int, result: LoadResult) -> None
 def _load_hub(name: str, data_dir: str | None, split: str | None, result: LoadResult) -> None:
     import datasets  # heavy import, only needed for hub sources
 
-    loaded = datasets.load_dataset(name, data_dir=data_dir, split=split)
+    where = f"hub:{name}" + (f"/{data_dir}" if data_dir else "")
+    try:
+        loaded = datasets.load_dataset(name, data_dir=data_dir, split=split)
+    except (OSError, ValueError) as exc:  # offline, no such dataset or split
+        reason = str(exc).strip().split("\n", 1)[0]
+        raise DataFileError(f"{where}: cannot load from the hub ({type(exc).__name__}: {reason})") from exc
     splits = {split: loaded} if split is not None else dict(sorted(loaded.items()))
     for split_name, rows in splits.items():
-        source = f"hub:{name}" + (f"/{data_dir}" if data_dir else "") + f"[{split_name}]"
+        source = f"{where}[{split_name}]"
         result.sources.append(source)
+        pairs, malformed = len(result.pairs), len(result.malformed)
         for row_no, record in enumerate(rows, start=1):
             _add_record(record, source, row_no, result)
+        _check_source(source, len(result.pairs) - pairs, result.malformed[malformed:], "empty split")
 
 
 def _jsonl_files(directory: Path, split: str | None) -> list[Path]:
@@ -223,7 +252,7 @@ def _jsonl_files(directory: Path, split: str | None) -> list[Path]:
         files = [p for p in files if re.sub(r"\.jsonl(\.gz)?$", "", p.name) == split]
     if not files:
         which = f"{split}.jsonl[.gz]" if split else "*.jsonl / *.jsonl.gz"
-        raise FileNotFoundError(f"no HH-RLHF files ({which}) under {directory}")
+        raise FileNotFoundError(f"{directory}: no HH-RLHF files ({which}) under it")
     return files
 
 
@@ -241,9 +270,18 @@ def load_hh_rlhf(
     ``"Anthropic/hh-rlhf"`` (``datasets.load_dataset(name, data_dir=data_dir, split=split)``; ``split=None``
     loads every split), or a list of these, read in order. ``split`` does not apply to an explicit file.
     ``max_pairs`` keeps the first pairs in reading order. Malformed records are reported, not raised;
-    a missing or unreadable file raises with its path. With ``skipped_log`` the full list of malformed
-    records goes to that file and the log gets one line with their count.
+    a missing file raises ``FileNotFoundError``, an unreadable one or a source without a single valid pair
+    ``DataFileError``, each naming the file. With ``skipped_log`` the full list of malformed records goes
+    to that file and the log gets one line with their count.
     """
+    result = _read_sources(source, split, data_dir, max_pairs)
+    result.log(skipped_log)
+    return result
+
+
+def _read_sources(
+    source: str | Path | Sequence[str | Path], split: str | None, data_dir: str | None, max_pairs: int | None
+) -> LoadResult:
     result = LoadResult()
     sources = [source] if isinstance(source, str | Path) else list(source)
     for src in sources:
@@ -260,14 +298,6 @@ def load_hh_rlhf(
     if max_pairs is not None and len(result.pairs) > max_pairs:
         result.pairs = result.pairs[:max_pairs]
         result.truncated_to = max_pairs
-    if result.malformed and skipped_log is not None:
-        skipped_log = Path(skipped_log)
-        write_atomic(skipped_log, result.report(max_listed=len(result.malformed)) + "\n")
-        logger.warning("%s; listed in %s", result.report().split("\n", 1)[0], skipped_log)
-    elif result.malformed:
-        logger.warning("%s", result.report(max_listed=5))
-    else:
-        logger.info("%s", result.report())
     return result
 
 
@@ -332,6 +362,8 @@ class HHDataConfig:
 
     def __post_init__(self) -> None:
         self.prompt_format = PromptFormat(self.prompt_format).value
+        if not self.source.strip():
+            raise ValueError("source must name a .jsonl[.gz] file, a directory or a hub dataset, got ''")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_pairs is not None and self.max_pairs <= 0:
@@ -346,11 +378,19 @@ class HHData:
     skipped_log: Path | None = None  # the list of malformed records, when there were any
 
 
-def load_from_config(cfg: HHDataConfig, skipped_log: str | Path | None = None) -> HHData:
-    """Load and split as configured (``skipped_log``: where the list of malformed records goes)."""
-    result = load_hh_rlhf(
-        cfg.source, split=cfg.split, data_dir=cfg.data_dir, max_pairs=cfg.max_pairs, skipped_log=skipped_log
-    )
+def load_from_config(cfg: HHDataConfig, skipped_log: str | Path | None = None, *, log: bool = True) -> HHData:
+    """Load and split as configured (``skipped_log``: where the list of malformed records goes).
+
+    Every caller trains on, or holds out from what the trainers trained on, the train part: an empty one
+    raises ``DataFileError`` naming the sources and the split, before anything is logged or written.
+    ``log=False`` leaves the summary and the list to the caller (``data.load.log(path)``), for one that can
+    still refuse the data (the PPO prompt stream: every prompt too long)."""
+    result = _read_sources(cfg.source, cfg.split, cfg.data_dir, cfg.max_pairs)
     train, evals = train_eval_split(result.pairs, cfg.eval_fraction, cfg.seed)
-    written = Path(skipped_log) if (skipped_log is not None and result.malformed) else None
-    return HHData(train, evals, result, written)
+    if not train:
+        kept = f" (the first {result.truncated_to}: max_pairs)" if result.truncated_to else ""
+        raise DataFileError(
+            f"{', '.join(result.sources)}: the training split is empty: all {len(result.pairs)} pair(s)"
+            f"{kept} fall in the held-out part (eval_fraction {cfg.eval_fraction}, seed {cfg.seed})"
+        )
+    return HHData(train, evals, result, result.log(skipped_log) if log else None)

@@ -74,7 +74,7 @@ def main(config_path: str | None, overrides: list[str]) -> int:
     init_distributed(cfg.parallel)
     try:
         run_eval(cfg)
-    except (ConfigError, CheckpointError, BenchmarkDataError, MTBenchDataError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, BenchmarkDataError, MTBenchDataError, OSError) as exc:
         print(f"c2f eval: {exc}", file=sys.stderr)
         return 2
     except (JudgeAPIError, ValueError) as exc:

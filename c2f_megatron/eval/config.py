@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from c2f_megatron.data.hh_rlhf import HHDataConfig
+from c2f_megatron.eval.benchmarks import parse_benchmark_name
 from c2f_megatron.platform.distributed import ParallelConfig
 
 JUDGE_BASE_URL_ENV = "C2F_JUDGE_BASE_URL"
@@ -45,6 +46,14 @@ class ResponseEvalConfig:
                 raise ValueError(f"responses.{name} must be positive, got {getattr(self, name)}")
         if self.max_reference_length < 2:
             raise ValueError(f"responses.max_reference_length must be >= 2, got {self.max_reference_length}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"responses.temperature must be > 0 (greedy: true for argmax), got {self.temperature}"
+            )
+        if self.top_k < 0:
+            raise ValueError(f"responses.top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"responses.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -61,6 +70,26 @@ class BenchmarkEvalConfig:
     mmlu_cloze: bool = False  # score each answer's text (lighteval's "MMLU (cloze)"), not the letter
     max_new_tokens: int | None = None  # cap on BBH/GSM8K generations (null: their standard 512/256)
 
+    def __post_init__(self) -> None:
+        for name in self.names:
+            try:
+                parse_benchmark_name(name)
+            except ValueError as exc:
+                raise ValueError(f"benchmarks.names: {exc}") from exc
+        for name in self.limits:
+            try:
+                parse_benchmark_name(name)
+            except ValueError as exc:
+                raise ValueError(f"benchmarks.limits: {exc}") from exc
+        limits = {"limit": self.limit, **{f"limits.{k}": v for k, v in self.limits.items()}}
+        for where, value in limits.items():
+            if value is not None and value < 1:
+                raise ValueError(f"benchmarks.{where} must be >= 1 or null, got {value}")
+        if self.mmlu_shots < 0:
+            raise ValueError(f"benchmarks.mmlu_shots must be >= 0, got {self.mmlu_shots}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"benchmarks.max_new_tokens must be >= 1 or null, got {self.max_new_tokens}")
+
 
 @dataclass
 class MTBenchEvalConfig:
@@ -76,6 +105,12 @@ class MTBenchEvalConfig:
     limit: int | None = None  # first N questions
     max_new_tokens: int = 256
     max_workers: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "max_new_tokens", "max_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"mt_bench.{name} must be >= 1, got {value}")
 
     def resolved_base_url(self) -> str | None:
         return self.base_url or os.environ.get(JUDGE_BASE_URL_ENV) or None
@@ -111,3 +146,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.report_name or "/" in self.report_name:
+            raise ValueError(f"report_name must be a file name (no '/'), got {self.report_name!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must not be empty")

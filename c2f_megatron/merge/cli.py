@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             written = merge_megatron(
                 inputs, roles, recipes, outs, dtype=args.dtype, force=args.force, tp=args.tp, pp=args.pp
             )
-    except (MergeError, GammaError, FileExistsError) as exc:
+    except (MergeError, GammaError, OSError) as exc:
         _report(f"c2f merge: error: {exc}")
         return 2
     except ValueError as exc:  # CheckpointError and model-config errors from the checkpoint layer

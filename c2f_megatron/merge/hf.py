@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES
-from c2f_megatron.checkpoint.atomic_dir import commit_output, prepare_output
+from c2f_megatron.checkpoint.atomic_dir import cleanup_on_failure, commit_output, prepare_output
 from c2f_megatron.checkpoint.hf_dir import (
     INDEX_FILE,
     HFCheckpoint,
@@ -202,15 +202,20 @@ def merge_hf(
     dtype_label = dtype or "+".join(sorted({ST_TO_C2F[d] for d in out_dt.values()}))
     records = [provenance("hf", inputs, r, dtype_label, roles) for r in recipes]
 
-    tmps = [prepare_output(o, force=force) for o in out_paths]
+    side = [ref.path / f for f in (*TOKENIZER_FILES, *HF_SIDE_FILES)]
+    need = sum(t.numel * ITEMSIZE[out_dt[n]] for n, t in ref.tensors.items())
+    need += sum(f.stat().st_size for f in side if f.is_file())
     merger = merger or BufferMerger(recipes, torch_threads=threads)
-    try:
-        _stream(ckpts, tmps, records, merger, out_dt, chunk or IO_CHUNK)
-        for tmp, rec in zip(tmps, records):
-            _write_side_files(ref, tmp, dtype, out_dt, rec)
-    finally:
-        merger.close()
-    return [commit_output(tmp, o) for tmp, o in zip(tmps, out_paths)]
+    what = str(out_paths[0]) if len(out_paths) == 1 else f"the {len(out_paths)} outputs"
+    with cleanup_on_failure(out_paths, need * len(out_paths), what):
+        tmps = [prepare_output(o, force=force) for o in out_paths]
+        try:
+            _stream(ckpts, tmps, records, merger, out_dt, chunk or IO_CHUNK)
+            for tmp, rec in zip(tmps, records):
+                _write_side_files(ref, tmp, dtype, out_dt, rec)
+        finally:
+            merger.close()
+        return [commit_output(tmp, o) for tmp, o in zip(tmps, out_paths)]
 
 
 @dataclass(frozen=True)

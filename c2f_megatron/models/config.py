@@ -65,6 +65,19 @@ class ModelConfig:
         problems = []
         if self.family not in FAMILIES:
             problems.append(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
+        sizes = (
+            "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+            "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by",
+        )  # fmt: skip
+        problems += [f"{n} must be >= 1, got {getattr(self, n)}" for n in sizes if getattr(self, n) < 1]
+        if problems:  # the divisibility checks below need positive sizes
+            raise ValueError("invalid model config: " + "; ".join(problems))
+        for name in ("rotary_base", "norm_epsilon", "init_method_std"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} not divisible by num_attention_heads")
         if self.kv_channels is not None and self.kv_channels < 1:

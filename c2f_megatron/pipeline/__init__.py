@@ -56,5 +56,8 @@ def main(config_path: str, overrides: list[str]) -> int:
     except StageFailed as exc:
         print(f"c2f pipeline: {exc}\nrerun the same command to resume at this stage", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as exc:  # bad input met in-process (the base corpus's data files)
+        print(f"c2f pipeline: {exc}", file=sys.stderr)
+        return 2
     summary.finish()
     return 0

@@ -8,6 +8,7 @@ paths that chain the stages (init checkpoints, reward model, output dirs) and th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from c2f_megatron.data.hh_rlhf import HHDataConfig
@@ -103,6 +104,12 @@ class PipelineConfig:
     report: ReportSection = field(default_factory=ReportSection)
 
     def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must not be empty")
+        if self.reuse is not None and Path(self.reuse).resolve() == Path(self.run_dir).resolve():
+            raise ValueError(
+                f"reuse: {self.reuse!r} is run_dir itself; name another pipeline's run directory"
+            )
         for name in ("base", "sft", "rm", "coarse", "merge", "eval"):
             if getattr(self, name).nproc < 1:
                 raise ValueError(f"{name}.nproc must be >= 1, got {getattr(self, name).nproc}")

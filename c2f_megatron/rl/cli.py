@@ -8,10 +8,9 @@ Launch one process per device (``torchrun --nproc_per_node=N -m c2f_megatron.cli
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
-from c2f_megatron.config import ConfigError, dump_config, help_kwargs, load_config, to_dict
+from c2f_megatron.config import ConfigError, help_kwargs, load_config, to_dict
 
 
 def register(subparsers: Any) -> None:
@@ -40,17 +39,18 @@ def main(config_path: str | None, overrides: list[str]) -> int:
         print(f"c2f coarse-actor: {exc}", file=sys.stderr)
         return 2
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
-    from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
+    from c2f_megatron.platform.distributed import init_distributed
     from c2f_megatron.rl.ppo_trainer import run
+    from c2f_megatron.training.run_loop import NonFiniteLossError
 
     init_distributed(cfg.parallel)
-    if is_rank_zero():
-        Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     try:
         run(cfg, config_dump=to_dict(cfg))
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, OSError, ValueError) as exc:
         # configuration problems found once the world size is known (e.g. batch sizes per DP rank)
         print(f"c2f coarse-actor: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as exc:  # as the trainers: exit 3, the last good checkpoint named
+        print(f"c2f coarse-actor: {exc}", file=sys.stderr)
+        return 3
     return 0

@@ -4,7 +4,8 @@ Sections: ``model`` (architecture for roles built from scratch: tests, benchmark
 TP/PP: megatron's global layout, which the rollout uses), ``actor`` / ``critic`` (init checkpoint + optimizer;
 paper lrs 5e-6 / 5e-7), ``reference``, ``reward`` (reward model or a programmatic reward, normalisation,
 clip), ``ppo`` (batch geometry, epochs, clipping, GAE), ``kl`` (controller + estimator), ``length`` (Continuous
-Maximization), ``generation`` (sampling), ``data`` (prompt stream), ``checkpoint``, ``logging``.
+Maximization), ``generation`` (sampling), ``data`` (prompt stream), ``checkpoint``, ``logging``,
+``samples`` (decoded rollouts).
 
 Every role lives on all ranks; ``critic.parallel``, ``reference.parallel`` and ``reward.parallel`` give a role
 its own TP/PP (unset: the actor's), its data-parallel size being what is left of the world.
@@ -30,6 +31,11 @@ class RoleParallel:
 
     tensor_model_parallel_size: int | None = None
     pipeline_model_parallel_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
 
     def resolve(self, actor: ParallelConfig) -> tuple[int, int]:
         """(TP, PP) of the role."""
@@ -95,6 +101,8 @@ class RewardSection:
         # ``path`` is checked when the roles are built: a config may name it in an override later
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"reward.clip must be > 0 or null, got {self.clip}")
+        if self.target_token < 0:
+            raise ValueError(f"reward.target_token must be >= 0, got {self.target_token}")
 
 
 @dataclass
@@ -132,6 +140,12 @@ class PPOConfig:
             )
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"ppo.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.value_clip is not None and self.value_clip <= 0:
+            raise ValueError(f"ppo.value_clip must be > 0 or null, got {self.value_clip}")
+        if self.critic_warmup_iterations < 0:
+            raise ValueError(
+                f"ppo.critic_warmup_iterations must be >= 0, got {self.critic_warmup_iterations}"
+            )
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1], got {self.gamma}, {self.lam}")
 
@@ -161,6 +175,16 @@ class GenerationSection:
     suppress_eos: bool = True
     extra_stop_ids: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"generation.top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if any(i < 0 for i in self.extra_stop_ids):
+            raise ValueError(f"generation.extra_stop_ids must be token ids >= 0, got {self.extra_stop_ids}")
+
 
 @dataclass
 class SyntheticPrompts:
@@ -170,6 +194,13 @@ class SyntheticPrompts:
     min_len: int = 4
     max_len: int = 8
     low: int = 3
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1 or self.low < 0 or not 1 <= self.min_len <= self.max_len:
+            raise ValueError(
+                "need num_prompts >= 1, low >= 0 and 1 <= min_len <= max_len, got "
+                f"{self.num_prompts}, {self.low}, {self.min_len}, {self.max_len}"
+            )
 
 
 @dataclass
@@ -188,6 +219,23 @@ class PromptDataConfig:
     overlong: Literal["truncate", "drop"] = "truncate"
     synthetic: SyntheticPrompts = field(default_factory=SyntheticPrompts)
 
+    def __post_init__(self) -> None:
+        if self.max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+
+
+@dataclass
+class SampleLogConfig:
+    """Decoded rollouts beside ``metrics.jsonl`` (``samples.jsonl``) and, when wandb is on, as a wandb Table
+    ``samples``: the batch's first ``rows`` rows at the first, the last and every ``every``-th iteration."""
+
+    every: int = 1  # iterations between two samples
+    rows: int = 1  # rows of the batch per sample (0: none)
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.rows < 0:
+            raise ValueError(f"samples.every must be >= 1 and rows >= 0, got {self.every}, {self.rows}")
+
 
 @dataclass
 class PPOCheckpointConfig:
@@ -200,6 +248,18 @@ class PPOCheckpointConfig:
     keep_last: int = 2
     save_optimizer: bool = True
     exit_after_iterations: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 0:
+            raise ValueError(
+                f"checkpoint.save_interval must be >= 0 (0: only at the end), got {self.save_interval}"
+            )
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        if self.exit_after_iterations is not None and self.exit_after_iterations < 1:
+            raise ValueError(
+                f"checkpoint.exit_after_iterations must be >= 1 or null, got {self.exit_after_iterations}"
+            )
 
 
 @dataclass
@@ -217,4 +277,12 @@ class PPOJobConfig:
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     checkpoint: PPOCheckpointConfig = field(default_factory=PPOCheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    samples: SampleLogConfig = field(default_factory=SampleLogConfig)
     offload_frozen: bool = False  # move the reference and reward model to CPU between uses (GPU only)
+
+    def __post_init__(self) -> None:
+        # LengthControlConfig checks its cm section; the ablations' own fields are checked here, at load
+        if self.length.kind == "fixed" and self.length.fixed_length < 1:
+            raise ValueError(f"length.fixed_length must be >= 1, got {self.length.fixed_length}")
+        if self.length.kind == "step" and self.length.every < 1:
+            raise ValueError(f"length.every must be >= 1, got {self.length.every}")

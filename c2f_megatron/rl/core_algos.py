@@ -48,6 +48,20 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
+def masked_bucket_means(
+    x: torch.Tensor, mask: torch.Tensor, buckets: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-position profile of ``x`` ``[batch, R]``: the mean over valid entries in each of ``buckets``
+    equal slices of the positions (position ``t`` in bucket ``t * buckets // R``), and each bucket's count
+    of valid entries (0: the bucket is empty, its mean 0)."""
+    length = x.shape[-1]
+    bucket = torch.arange(length, device=x.device) * buckets // length
+    valid = mask.bool()
+    sums = x.new_zeros(buckets).index_add_(0, bucket, torch.where(valid, x, torch.zeros_like(x)).sum(0))
+    counts = x.new_zeros(buckets).index_add_(0, bucket, valid.to(x.dtype).sum(0))
+    return sums / counts.clamp_min(1), counts
+
+
 def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:

@@ -36,6 +36,7 @@ class Experience:
     rollout_logprobs: Tensor | None = None  # [b, R] as sampled (a check on the recomputed old_logprobs)
     old_logprobs: Tensor | None = None  # [b, R] actor, before the update
     entropy: Tensor | None = None  # [b, R] actor's entropy per position (logged)
+    eos_mass: Tensor | None = None  # [b, R] actor's mass on the suppressed ids, before suppression (logged)
     ref_logprobs: Tensor | None = None  # [b, R] frozen reference
     values: Tensor | None = None  # [b, R] critic, before the update
     raw_scores: Tensor | None = None  # [b] reward as returned (model or function)
@@ -156,12 +157,28 @@ def finalize(
     return exp
 
 
+# The EOS mass profile: the response positions in this many equal buckets (``eos_mass_pos_<k>``).
+EOS_MASS_BUCKETS = 8
+
+
+def _token_stats(name: str, x: Tensor, mask: Tensor) -> dict[str, float]:
+    """``<name>_mean/_std/_min/_max`` of ``x`` over the valid tokens (population std)."""
+    v = x.double()[mask.bool()]
+    return {
+        f"{name}_mean": float(v.mean()),
+        f"{name}_std": float(v.var(unbiased=False).clamp_min(0).sqrt()),
+        f"{name}_min": float(v.min()),
+        f"{name}_max": float(v.max()),
+    }
+
+
 def experience_metrics(exp: Experience) -> dict[str, float]:
-    """Batch statistics of the whole iteration's batch: rewards, KL, entropy, lengths, value fit."""
+    """Batch statistics of the whole iteration's batch: rewards, KL, entropy, lengths, value fit,
+    advantages and returns, and the EOS mass (mean, max and its profile over the response positions)."""
     mask = exp.response_mask
     m = mask.double()
     lengths = exp.response_lengths.double()
-    scores = exp.scores.double()
+    scores, raw = exp.scores.double(), exp.raw_scores.double()
     n, tok = float(len(exp)), float(m.sum())
     returns, values = exp.returns.double() * m, exp.values.double() * m
     r, v = float(returns.sum()), float(values.sum())
@@ -172,19 +189,32 @@ def experience_metrics(exp: Experience) -> dict[str, float]:
     if exp.rollout_logprobs is not None:
         lp_diff = float(((exp.old_logprobs.double() - exp.rollout_logprobs.double()).abs() * m).sum())
     kl = float((exp.kl.double() * m).sum())
-    return {
+    out = {
         "reward_mean": float(scores.mean()),
         "reward_std": float(scores.var(unbiased=False).clamp_min(0).sqrt()),
-        "reward_raw_mean": float(exp.raw_scores.double().mean()),
+        "reward_raw_mean": float(raw.mean()),
+        "reward_raw_min": float(raw.min()),
+        "reward_raw_max": float(raw.max()),
+        # the sum of each response's token rewards (score - KL penalty), mean over responses
+        "penalized_reward_mean": float((exp.token_rewards.double() * m).sum()) / n,
         "kl": kl / tok,  # per token
         "kl_per_seq": kl / n,  # nats per response: the adaptive controller's unit
         "entropy": float((exp.entropy.double() * m).sum()) / tok if exp.entropy is not None else 0.0,
         "response_length_mean": float(lengths.mean()),
+        "response_length_min": float(lengths.min()),
         "response_length_max": float(lengths.max()),
         "hit_limit_frac": float(exp.hit_limit.double().mean()),
-        "values_mean": v / tok,
-        "returns_mean": r / tok,
+        **_token_stats("values", exp.values, mask),
+        **_token_stats("returns", exp.returns, mask),
+        **_token_stats("advantages", exp.advantages, mask),
         "explained_var": 1.0 - var_err / max(var_r, 1e-8),
         # |recomputed - sampled| log-prob per token: ~0 unless top-k/top-p are on (not recomputed)
         "rollout_logprob_diff": lp_diff / tok,
     }
+    if exp.eos_mass is not None:
+        mass = exp.eos_mass.double()
+        out["eos_mass_mean"] = float((mass * m).sum()) / tok
+        out["eos_mass_max"] = float(torch.where(mask, mass, 0.0).max())
+        means, counts = core_algos.masked_bucket_means(mass, mask, EOS_MASS_BUCKETS)
+        out.update({f"eos_mass_pos_{k}": float(means[k]) for k in range(EOS_MASS_BUCKETS) if counts[k] > 0})
+    return out

@@ -13,6 +13,11 @@ One iteration::
     -> KL controller and length controller (Continuous Maximization) updates
     -> log, checkpoint
 
+Besides the PPO statistics, every iteration logs the time of each phase (``time_*_s``), throughput per rank,
+MFU (on a GPU we know the peak of), peak memory per phase (GPU) or the process's peak RSS (CPU), and the
+EOS mass: the probability the actor would put on the suppressed EOS and stop ids at each response position
+(``eos_mass_*``). README "PPO metrics and their verl names" lists them.
+
 Everything an iteration draws is a function of (ppo.seed, iteration): the prompt order, the sampling seed of
 every row and the minibatch shuffles, whatever the data-parallel split. So a resumed run (actor, critic, optimizers, KL/length controllers from the
 checkpoint) reproduces the uninterrupted one.
@@ -29,11 +34,10 @@ from typing import Any
 
 import torch
 
-from c2f_megatron.checkpoint.steps import latest_checkpoint
 from c2f_megatron.data.chat import last_user_turn
 from c2f_megatron.generation.rollout import GenerationConfig
-from c2f_megatron.platform.distributed import is_rank_zero
-from c2f_megatron.rl.config import PPOJobConfig
+from c2f_megatron.platform.distributed import is_rank_zero, use_cuda
+from c2f_megatron.rl.config import PPOJobConfig, SampleLogConfig
 from c2f_megatron.rl.experience import (
     Experience,
     experience_metrics,
@@ -45,13 +49,23 @@ from c2f_megatron.rl.kl_control import build_kl_controller
 from c2f_megatron.rl.length_control import build_length_controller
 from c2f_megatron.rl.prompts import PromptSource, iteration_prompts
 from c2f_megatron.rl.roles import Workers, build_workers
+from c2f_megatron.rl.workers import RewardModelWorker
 from c2f_megatron.training.checkpointing import (
     ModelState,
     TrainerState,
     load_training_checkpoint,
+    resume_checkpoint,
     save_training_checkpoint,
 )
-from c2f_megatron.training.logging import MetricsLogger
+from c2f_megatron.training.logging import WANDB_ID_KEY, MetricsLogger
+from c2f_megatron.training.perf import (
+    PhaseTimer,
+    memory_metrics,
+    mfu_metrics,
+    peak_flops,
+    sequence_flops,
+    world_size,
+)
 from c2f_megatron.training.run_loop import LoopSettings, StepOutcome, run_loop
 from c2f_megatron.training.summary import (
     RunSummary,
@@ -92,10 +106,11 @@ def make_experience(
     length: int,
     iteration: int,
     kl_coef: float,
-):
+    timer: PhaseTimer,
+) -> Experience:
     """Rollout of this rank's prompts (rows ``row_offset...`` of the iteration's batch), gathered over the
     actor's data-parallel ranks, then scoring by every role; returns the whole batch's experience (the same
-    on every rank) and the time split."""
+    on every rank). ``timer`` times each phase."""
     gen = GenerationConfig(
         max_new_tokens=length,
         temperature=cfg.generation.temperature,
@@ -106,25 +121,36 @@ def make_experience(
         pad_id=w.source.pad_id,
         seed=cfg.ppo.seed * 1_000_003 + iteration,
     )
-    t0 = time.perf_counter()
-    local = Experience.from_rollout(w.actor.generate(prompts, gen, row_offset))
-    exp = gather_experience(local, w.actor.layout, w.source.pad_id)
-    t1 = time.perf_counter()
-    exp.old_logprobs, exp.entropy = w.actor.compute_log_probs(exp)
-    exp.ref_logprobs = w.reference.compute_log_probs(exp)
-    exp.values = w.critic.compute_values(exp)
-    exp.raw_scores = w.reward.score(exp)
-    exp.scores = normalize_scores(exp.raw_scores, w.reward.mean, w.reward.std, cfg.reward.clip)
-    t2 = time.perf_counter()
+    with timer.phase("rollout"):
+        local = Experience.from_rollout(w.actor.generate(prompts, gen, row_offset))
+        exp = gather_experience(local, w.actor.layout, w.source.pad_id)
+    with timer.phase("actor_logprobs"):
+        exp.old_logprobs, exp.entropy, exp.eos_mass = w.actor.compute_log_probs(exp)
+    with timer.phase("ref_logprobs"):
+        exp.ref_logprobs = w.reference.compute_log_probs(exp)
+    with timer.phase("values"):
+        exp.values = w.critic.compute_values(exp)
+    with timer.phase("reward"):
+        exp.raw_scores = w.reward.score(exp)
+        exp.scores = normalize_scores(exp.raw_scores, w.reward.mean, w.reward.std, cfg.reward.clip)
     ppo = cfg.ppo
-    finalize(exp, kl_coef, ppo.kl_estimator, ppo.gamma, ppo.lam, ppo.whiten_advantages)
-    t3 = time.perf_counter()
-    return exp, {"time_rollout_s": t1 - t0, "time_scoring_s": t2 - t1, "time_gae_s": t3 - t2}
+    with timer.phase("gae"):
+        finalize(exp, kl_coef, ppo.kl_estimator, ppo.gamma, ppo.lam, ppo.whiten_advantages)
+    return exp
 
 
-def ppo_update(w: Workers, cfg: PPOJobConfig, exp: Experience, iteration: int, update_actor: bool):
+def ppo_update(
+    w: Workers,
+    cfg: PPOJobConfig,
+    exp: Experience,
+    iteration: int,
+    update_actor: bool,
+    timer: PhaseTimer | None = None,
+):
     """``ppo.epochs`` passes over shuffled minibatches of the whole batch (the same shuffle on every rank);
-    one critic (and actor) optimizer step per minibatch, each role on its data-parallel slice of it."""
+    one critic (and actor) optimizer step per minibatch, each role on its data-parallel slice of it.
+    ``timer`` sums the critic's and the actor's steps (``critic_update``, ``actor_update``)."""
+    timer = timer or PhaseTimer(use_cuda())
     mini_rows = cfg.ppo.mini_batch_size
     gen = torch.Generator().manual_seed(cfg.ppo.seed * 7_919 + iteration)
     actor_steps, critic_steps = [], []
@@ -133,16 +159,61 @@ def ppo_update(w: Workers, cfg: PPOJobConfig, exp: Experience, iteration: int, u
         order = torch.randperm(len(exp), generator=gen)
         for start in range(0, len(exp), mini_rows):
             mini = exp.select(order[start : start + mini_rows].to(exp.tokens.device))
-            c = w.critic.update(mini, cfg.ppo.value_clip)
+            with timer.phase("critic_update"):
+                c = w.critic.update(mini, cfg.ppo.value_clip)
             critic_steps.append({**c.metrics, "critic_grad_norm": c.grad_norm, "critic_lr": c.lr})
             skipped += int(c.skipped)
             if update_actor:
-                a = w.actor.update(mini, cfg.ppo.clip_eps)
+                with timer.phase("actor_update"):
+                    a = w.actor.update(mini, cfg.ppo.clip_eps)
                 actor_steps.append({**a.metrics, "actor_grad_norm": a.grad_norm, "actor_lr": a.lr})
                 skipped += int(a.skipped)
     out = _average(critic_steps)
     out.update(_average(actor_steps))
     out["skipped_steps"] = float(skipped)
+    return out
+
+
+# The phases an iteration times (``time_<phase>_s``); scoring is the four between rollout and GAE.
+PHASES = (
+    "rollout", "actor_logprobs", "ref_logprobs", "values", "reward", "gae", "critic_update", "actor_update"
+)  # fmt: skip
+SCORING = ("actor_logprobs", "ref_logprobs", "values", "reward")
+
+
+def phase_flops(w: Workers, exp: Experience, epochs: int, update_actor: bool) -> dict[str, float]:
+    """Model FLOPs of each phase of an iteration over ``exp`` (``training.perf``'s formula), whole batch."""
+    lengths = (exp.prompt_mask.sum(1) + exp.response_mask.sum(1)).tolist()
+    actor, ref, critic = w.actor.role.model_cfg, w.reference.role.model_cfg, w.critic.role.model_cfg
+    flops = {
+        "rollout": sequence_flops(actor, lengths, training=False),
+        "actor_logprobs": sequence_flops(actor, lengths, training=False),
+        "ref_logprobs": sequence_flops(ref, lengths, training=False),
+        "values": sequence_flops(critic, lengths, training=False, lm_head=False),
+        "critic_update": epochs * sequence_flops(critic, lengths, training=True, lm_head=False),
+        "actor_update": epochs * sequence_flops(actor, lengths, training=True) if update_actor else 0.0,
+    }
+    if isinstance(w.reward, RewardModelWorker):
+        flops["reward"] = sequence_flops(w.reward.role.model_cfg, lengths, training=False, lm_head=False)
+    return flops
+
+
+def perf_metrics(
+    w: Workers, exp: Experience, timer: PhaseTimer, seconds: float, epochs: int, update_actor: bool
+) -> dict[str, float]:
+    """Phase times, throughput per rank, MFU (a GPU we know the peak of) and peak memory (max over ranks)."""
+    world = world_size()
+    t = {p: timer.seconds.get(p, 0.0) for p in PHASES}
+    out = {f"time_{p}_s": t[p] for p in PHASES}
+    out["time_scoring_s"] = sum(t[p] for p in SCORING)
+    response_tokens = float(exp.response_mask.sum())
+    tokens = response_tokens + float(exp.prompt_mask.sum())
+    out["gen_tokens_per_s_per_rank"] = response_tokens / max(t["rollout"], 1e-9) / world
+    out["tokens_per_s_per_rank"] = tokens / max(seconds, 1e-9) / world
+    peak = peak_flops()
+    if peak is not None:
+        out.update(mfu_metrics(phase_flops(w, exp, epochs, update_actor), t, seconds, peak))
+    out.update(memory_metrics(timer))
     return out
 
 
@@ -159,7 +230,7 @@ def run(cfg: PPOJobConfig, config_dump: dict[str, Any] | None = None) -> RunResu
         ModelState(critic.chunks, w.critic_meta, critic.optimizer if ck.save_optimizer else None, CRITIC),
     ]
     state = TrainerState()
-    resume_dir = latest_checkpoint(ck.dir) if (ck.dir and ck.resume) else None
+    resume_dir = resume_checkpoint(ck.dir) if (ck.dir and ck.resume) else None
     if resume_dir is not None:
         state = load_training_checkpoint(resume_dir, models, load_optimizer=ck.save_optimizer)
         extra = state.extra
@@ -175,8 +246,10 @@ def run(cfg: PPOJobConfig, config_dump: dict[str, Any] | None = None) -> RunResu
         start_step=state.step,
         console_keys=CONSOLE_KEYS,
         unit="iter",
+        checkpoint_run_id=state.extra.get(WANDB_ID_KEY),
     )
-    samples = SampleLog(Path(cfg.logging.run_dir) / SAMPLES_FILE, w.source.decode)
+    samples = SampleLog(Path(cfg.logging.run_dir) / SAMPLES_FILE, w.source.decode, cfg.samples, log)
+    save_seconds = 0.0  # the last checkpoint save's, reported by the next iteration
     if resume_dir is not None:
         log.message(f"resumed from {resume_dir} at iteration {state.step}")
     log.message(
@@ -185,36 +258,43 @@ def run(cfg: PPOJobConfig, config_dump: dict[str, Any] | None = None) -> RunResu
     )
 
     def save() -> Path | None:
+        nonlocal save_seconds
         if not ck.dir:
             return None
+        t0 = time.perf_counter()
         state.extra = {
             "actor_scheduler": actor.scheduler.state_dict(),
             "critic_scheduler": critic.scheduler.state_dict(),
             "kl_controller": kl_ctl.state_dict(),
             "length_controller": length_ctl.state_dict(),
             "prompt_position": state.consumed_samples,
+            **({WANDB_ID_KEY: log.run_id} if log.run_id else {}),
         }
         path = save_training_checkpoint(ck.dir, models, state, keep_last=ck.keep_last)
-        log.message(f"saved {path}")
+        save_seconds = time.perf_counter() - t0
+        log.message(f"saved {path} ({save_seconds:.1f} s)")
         return path
 
     def iteration(it: int) -> StepOutcome:
+        nonlocal save_seconds
         t0 = time.perf_counter()
         prompts, row_offset = iteration_prompts(
             w.source, it, cfg.ppo.rollout_batch_size, cfg.ppo.seed, dp_rank, dp_size
         )
         length, kl_coef = length_ctl.length, kl_ctl.value
-        exp, times = make_experience(w, cfg, prompts, row_offset, length, it, kl_coef)
+        timer = PhaseTimer(use_cuda())
+        exp = make_experience(w, cfg, prompts, row_offset, length, it, kl_coef, timer)
         record: dict[str, Any] = experience_metrics(exp)
-        samples.write(it + 1, exp)
+        samples.write(it + 1, exp, cfg.ppo.iterations)
         t1 = time.perf_counter()
         update_actor = it >= cfg.ppo.critic_warmup_iterations
-        record.update(ppo_update(w, cfg, exp, it, update_actor))
-        times["time_training_s"] = time.perf_counter() - t1
+        record.update(ppo_update(w, cfg, exp, it, update_actor, timer))
+        record["time_training_s"] = time.perf_counter() - t1
         kl_ctl.update(record["kl_per_seq"], cfg.ppo.rollout_batch_size)
         decision = length_ctl.update(record["reward_mean"], record["vf_loss"])
         seconds = time.perf_counter() - t0
-        record.update(times)
+        record.update(perf_metrics(w, exp, timer, seconds, cfg.ppo.epochs, update_actor))
+        record["time_save_s"], save_seconds = save_seconds, 0.0  # the save after the previous iteration
         record.update(
             kl_coef=kl_coef,
             rollout_length_limit=float(length),  # the limit this iteration was rolled out at
@@ -268,27 +348,36 @@ SUMMARY_KEYS = (
 SAMPLES_FILE = "samples.jsonl"
 
 
+SAMPLE_COLUMNS = ("step", "row", "prompt", "response", "length", "reward", "eos_mass")
+
+
 class SampleLog:
-    """Row 0 of every iteration's batch, decoded, to ``<run_dir>/samples.jsonl`` (rank 0)."""
+    """The first ``cfg.rows`` rows of the batch, decoded, at the first, the last and every ``cfg.every``-th
+    iteration: to ``<run_dir>/samples.jsonl`` and a wandb Table ``samples`` (rank 0). ``reward``: the raw
+    score; ``eos_mass``: the row's mean EOS mass (null in plain PPO)."""
 
-    def __init__(self, path: Path, decode):
-        self.path, self.decode = path, decode
+    def __init__(self, path: Path, decode, cfg: SampleLogConfig, log: MetricsLogger):
+        self.path, self.decode, self.cfg, self.log = path, decode, cfg, log
 
-    def write(self, step: int, exp: Experience) -> None:
-        if not is_rank_zero():
+    def due(self, step: int, total: int) -> bool:
+        return self.cfg.rows > 0 and (step == 1 or step == total or step % self.cfg.every == 0)
+
+    def write(self, step: int, exp: Experience, total: int) -> None:
+        if not is_rank_zero() or not self.due(step, total):
             return
-        prompt = exp.tokens[0, : exp.prompt_width][exp.prompt_mask[0]].tolist()
-        response = exp.tokens[0, exp.prompt_width :][exp.response_mask[0]].tolist()
-        row = {
-            "step": step,
-            "prompt": self.decode(prompt),
-            "response": self.decode(response),
-            "length": len(response),
-            "reward": float(exp.raw_scores[0]),
-        }
+        rows = []
+        for i in range(min(self.cfg.rows, len(exp))):
+            prompt = exp.tokens[i, : exp.prompt_width][exp.prompt_mask[i]].tolist()
+            response = exp.tokens[i, exp.prompt_width :][exp.response_mask[i]].tolist()
+            mass = None
+            if exp.eos_mass is not None:
+                mass = float(exp.eos_mass[i][exp.response_mask[i]].double().mean())
+            values = (step, i, self.decode(prompt), self.decode(response), len(response))
+            rows.append((*values, float(exp.raw_scores[i]), mass))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.writelines(json.dumps(dict(zip(SAMPLE_COLUMNS, r))) + "\n" for r in rows)
+        self.log.log_table(step, "samples", SAMPLE_COLUMNS, rows)
 
 
 def run_summary(
@@ -316,7 +405,8 @@ def run_summary(
         ),
         start_end(records, SUMMARY_KEYS),
     )
-    shown = history_by_step(read_metrics_jsonl(run_dir / SAMPLES_FILE), "response")
+    firsts = [r for r in read_metrics_jsonl(run_dir / SAMPLES_FILE) if r.get("row", 0) == 0]
+    shown = history_by_step(firsts, "response")
     for row in shown[:1] + shown[1:][-1:]:
         summary.samples.append(
             Sample(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from c2f_megatron.files import DataFileError
 from c2f_megatron.rl.config import PPOJobConfig
 
 
@@ -33,11 +34,9 @@ class PromptSource:
 def load_prompts(cfg: PPOJobConfig, model_vocab: int) -> PromptSource:
     data = cfg.data
     if data.source == "synthetic":
-        syn = data.synthetic
-        if not 0 <= syn.low < model_vocab or not 1 <= syn.min_len <= syn.max_len:
-            raise ValueError(
-                f"data.synthetic: need 0 <= low < vocab {model_vocab} and 1 <= min_len <= max_len"
-            )
+        syn = data.synthetic  # lengths and counts are checked at load (SyntheticPrompts)
+        if syn.low >= model_vocab:
+            raise ValueError(f"data.synthetic.low {syn.low} must be below the model's vocab {model_vocab}")
         rng = random.Random(cfg.ppo.seed)
         prompts = [
             [rng.randrange(syn.low, model_vocab) for _ in range(rng.randint(syn.min_len, syn.max_len))]
@@ -55,14 +54,21 @@ def load_prompts(cfg: PPOJobConfig, model_vocab: int) -> PromptSource:
 
     tokenizer = load_tokenizer(data.tokenizer)
     chat = ChatFormat(data.hh.prompt_format, tokenizer)
-    hh = load_from_config(data.hh, Path(cfg.logging.run_dir) / SKIPPED_RECORDS_FILE)
+    hh = load_from_config(data.hh, log=False)  # logged (and the skipped records listed) once usable
     texts = prompts_for_rl(hh.train, chat, data.system_prompt)
     stops = [tokenizer.eos_id, tokenizer.pad_id, *cfg.generation.extra_stop_ids]
     prompts = [ids for _, ids in encode_prompts(chat, texts, stops, data.max_prompt_length, data.overlong)]
     if not prompts:
-        raise ValueError(
-            f"data.hh.source {data.hh.source}: no prompts (data.max_prompt_length, data.overlong)"
+        sources = ", ".join(hh.load.sources)
+        if data.overlong == "drop":
+            raise DataFileError(
+                f"{sources}: all {len(texts)} prompt(s) are longer than data.max_prompt_length "
+                f"{data.max_prompt_length} tokens and data.overlong is drop"
+            )
+        raise DataFileError(
+            f"{sources}: none of the {len(texts)} prompt(s) has a token left after its stop ids"
         )
+    skipped = hh.load.log(Path(cfg.logging.run_dir) / SKIPPED_RECORDS_FILE)
     return PromptSource(
         prompts,
         tokenizer.eos_id,
@@ -70,7 +76,7 @@ def load_prompts(cfg: PPOJobConfig, model_vocab: int) -> PromptSource:
         tokenizer.vocab_size,
         tokenizer.info().to_dict(),
         tokenizer.decode,
-        hh.skipped_log,
+        skipped,
     )
 
 

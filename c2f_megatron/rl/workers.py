@@ -1,7 +1,7 @@
 """One worker per PPO role, each with a narrow interface over an ``Experience`` (verl's layout).
 
-- ``ActorWorker``: ``generate`` (rollout), ``compute_log_probs`` (log-probs + entropy of the response
-  tokens), ``update`` (one optimizer step of the clipped policy loss).
+- ``ActorWorker``: ``generate`` (rollout), ``compute_log_probs`` (log-probs, entropy and EOS mass of the
+  response tokens), ``update`` (one optimizer step of the clipped policy loss).
 - ``ReferenceWorker``: frozen policy, ``compute_log_probs``.
 - ``CriticWorker``: ``compute_values``, ``update`` (clipped value loss).
 - ``RewardModelWorker``: frozen value model read at the last generated token; ``TokenFrequencyReward``: a
@@ -14,7 +14,8 @@ worker holds only its role's math: which outputs it reads, its loss and its metr
 TP-correct over the role's own TP group: the vocab-parallel log-softmax over logits with the padded vocab
 and the suppressed ids masked and the sampling temperature applied, i.e. the distribution the rollout drew
 from (top-k/top-p are not applied when recomputing, as in verl). Entropy is a vocab-parallel reduction too
-(logged only).
+(logged only), and so is the EOS mass (logged only): the probability the distribution *before* suppression
+would put on the suppressed ids (EOS and the stop ids), from the same logits, one small reduction more.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ from c2f_megatron.generation.rollout import GenerationConfig, RolloutBatch, gene
 from c2f_megatron.platform.role_layout import RoleLayout
 from c2f_megatron.rl import core_algos
 from c2f_megatron.rl.experience import Experience
-from c2f_megatron.rl.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs
+from c2f_megatron.rl.vocab_parallel import (
+    masked_ids_mass,
+    vocab_parallel_columns,
+    vocab_parallel_logprobs,
+    vocab_parallel_logsumexp_entropy,
+)
 
 # --------------------------------------------------------------------------------------- TP-sharded math
 
@@ -59,20 +65,33 @@ def response_logprobs(
     suppressed: Sequence[int],
     temperature: float,
     with_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Log-prob (and entropy) of each response token from full-sequence logits ``[b, P+R, V/tp]`` sharded
-    over ``layout``'s TP group."""
+    with_eos_mass: bool = False,
+) -> dict[str, Tensor]:
+    """From full-sequence logits ``[b, P+R, V/tp]`` sharded over ``layout``'s TP group, ``[b, R]`` each:
+    ``logprobs`` of the response tokens (0 on padding); with ``with_entropy`` the sampling distribution's
+    ``entropy`` (unmasked); with ``with_eos_mass`` and ids suppressed, ``eos_mass`` (0 on padding): the
+    probability the distribution before suppression (same temperature) puts on the suppressed ids."""
     p, r = mb.prompt_width, mb.response_width
     start = layout.tp_rank * logits.shape[-1]
     group = layout.tp_group if layout.tp > 1 else None
-    z = policy_logits(logits[:, p - 1 : p + r - 1], true_vocab_size, suppressed, temperature, start)
+    raw = logits[:, p - 1 : p + r - 1]
+    z = policy_logits(raw, true_vocab_size, suppressed, temperature, start)
     labels = mb.tokens[:, p : p + r]
     # Padding after a response may hold a suppressed id (e.g. pad == EOS): read a harmless label there.
     safe = _first_allowed_id(true_vocab_size, suppressed)
     labels = torch.where(mb.response_mask, labels, safe)
-    entropy = vocab_parallel_entropy(z, group) if with_entropy else None
+    out: dict[str, Tensor] = {}
+    eos_mass = with_eos_mass and bool(suppressed)
+    if with_entropy or eos_mass:
+        allowed_lse, entropy = vocab_parallel_logsumexp_entropy(z, group)
+        if with_entropy:
+            out["entropy"] = entropy
+    if eos_mass:
+        masked = vocab_parallel_columns(raw, suppressed, start, group) / temperature  # as policy_logits
+        out["eos_mass"] = torch.where(mb.response_mask, masked_ids_mass(allowed_lse, masked), 0.0)
     logp = vocab_parallel_logprobs(z, labels, start, group)
-    return torch.where(mb.response_mask, logp, 0.0), entropy
+    out["logprobs"] = torch.where(mb.response_mask, logp, 0.0)
+    return out
 
 
 def _first_allowed_id(true_vocab_size: int, suppressed: Sequence[int]) -> int:
@@ -117,9 +136,18 @@ class PolicyScorer:
     def layout(self) -> RoleLayout:
         return self.role.layout
 
-    def logprobs(self, output: Tensor, mb: Experience, with_entropy: bool):
+    def logprobs(
+        self, output: Tensor, mb: Experience, with_entropy: bool, with_eos_mass: bool = False
+    ) -> dict[str, Tensor]:
         return response_logprobs(
-            output, mb, self.layout, self.true_vocab_size, self.suppressed, self.temperature, with_entropy
+            output,
+            mb,
+            self.layout,
+            self.true_vocab_size,
+            self.suppressed,
+            self.temperature,
+            with_entropy,
+            with_eos_mass,
         )
 
 
@@ -132,17 +160,21 @@ class ActorWorker(PolicyScorer):
         return generate(self.role.module, self.layout, prompts, gen_cfg, self.true_vocab_size, row_offset)
 
     def _logprobs(self, output: Tensor, mb: Experience) -> dict[str, Tensor]:
-        logp, ent = self.logprobs(output, mb, with_entropy=True)
-        return {"logprobs": logp, "entropy": torch.where(mb.response_mask, ent, 0.0)}
+        out = self.logprobs(output, mb, with_entropy=True, with_eos_mass=True)
+        out["entropy"] = torch.where(mb.response_mask, out["entropy"], 0.0)
+        return out
 
-    def compute_log_probs(self, exp: Experience) -> tuple[Tensor, Tensor]:
+    def compute_log_probs(self, exp: Experience) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(logprobs, entropy, eos_mass)`` of the rollout, ``[b, R]`` each; ``eos_mass`` is None when no
+        id is suppressed (plain PPO)."""
         r = exp.response_width
-        shapes = {"logprobs": (r,), "entropy": (r,)}
+        shapes = {"logprobs": (r,), "entropy": (r,)} | ({"eos_mass": (r,)} if self.suppressed else {})
         out = forward_rows(self.role, exp, self.micro_batch_size, self._logprobs, shapes)
-        return out["logprobs"], out["entropy"]
+        return out["logprobs"], out["entropy"], out.get("eos_mass")
 
     def _loss(self, clip_eps: float, mb: Experience, output: Tensor):
-        logp, ent = self.logprobs(output, mb, with_entropy=True)
+        out = self.logprobs(output, mb, with_entropy=True)
+        logp, ent = out["logprobs"], out["entropy"]
         loss, stats = core_algos.policy_loss(
             logp, mb.old_logprobs, mb.advantages, mb.response_mask, clip_eps, agg="token-sum"
         )
@@ -162,8 +194,7 @@ class ReferenceWorker(PolicyScorer):
     """The frozen initial policy, on its own layout; its log-probs anchor the KL penalty."""
 
     def _logprobs(self, output: Tensor, mb: Experience) -> dict[str, Tensor]:
-        logp, _ = self.logprobs(output, mb, with_entropy=False)
-        return {"logprobs": logp}
+        return self.logprobs(output, mb, with_entropy=False)
 
     def compute_log_probs(self, exp: Experience) -> Tensor:
         shapes = {"logprobs": (exp.response_width,)}

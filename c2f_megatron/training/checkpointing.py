@@ -8,9 +8,12 @@ Layout of one step (``CKPT_ROOT/step_0000100``)::
     rng/rank_00003.pt               every RNG of every rank (torch, CUDA, numpy, python, megatron tracker)
     trainer_state.json              step, consumed samples, scheduler state, trainer extras (written last)
 
-A step is written to ``step_0000100.partial`` and renamed when every rank is done, so a crash mid-save
-leaves the previous step as the latest; ``latest_checkpoint`` accepts only renamed directories that hold
-``trainer_state.json`` and a ``c2f_checkpoint.json`` per model.
+    c2f_manifest.json               every file's size and CRC-32 (``checkpoint.manifest``), written last
+
+A step is written to ``step_0000100.partial`` and renamed when every rank is done and its files are fsynced,
+so a crash mid-save leaves the previous step as the latest. Resume (``resume_checkpoint``) takes the newest
+step that verifies against its manifest; a step that does not is renamed ``step_0000100.unverified``, kept,
+and reported with the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from c2f_megatron.checkpoint import atomic_dir, manifest
 from c2f_megatron.checkpoint.megatron_dir import (
     METADATA_FILE,
     MODEL_SUBDIR,
@@ -37,9 +41,11 @@ from c2f_megatron.checkpoint.megatron_dir import (
     commit_output,
     load_dist_state,
     load_model_checkpoint,
+    model_bytes,
     prepare_output,
     save_dist_state,
     sharded_model_state,
+    verify_checkpoint,
 )
 from c2f_megatron.checkpoint.steps import (
     TRAINER_STATE_FILE,
@@ -107,6 +113,57 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
+UNVERIFIED_SUFFIX = ".unverified"
+
+
+def resume_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete step under ``root`` that verifies against its manifest (``verify_checkpoint``:
+    sizes and CRC-32, each rank checking a slice of the files), or None. All ranks call it.
+
+    A newer step that fails is renamed ``step_N.unverified`` (never deleted, no longer listed, so neither
+    resumed from, pruned nor overwritten) and the reason is logged; the search goes on with older steps.
+    """
+    for _, path in reversed(list_checkpoints(root)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        if _rank() == 0:
+            kept = _set_aside(path)
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            logger.warning(
+                "resume: skipping %s: %s%s; kept as %s, trying the previous step",
+                path.name,
+                problems[0],
+                more,
+                kept,
+            )
+        _barrier()
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    target = path.with_name(path.name + UNVERIFIED_SUFFIX)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{UNVERIFIED_SUFFIX}.{n}")
+    path.rename(target)
+    return target
+
+
+def _step_bytes(root: str | Path, models: Sequence[ModelState]) -> int:
+    """About the bytes of one step: the previous step's (its manifest), else the models' parameters plus
+    12 bytes per parameter of Adam state (fp32 moments and master weights) for each optimizer saved."""
+    found = list_checkpoints(root)
+    previous = manifest.manifest_total_bytes(found[-1][1]) if found else None
+    if previous:
+        return previous
+    return sum(
+        model_bytes(m.metadata) + (12 * m.metadata.model.num_parameters() if m.optimizer is not None else 0)
+        for m in models
+    )
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG this rank draws from, including megatron's model-parallel tracker."""
     from megatron.core import tensor_parallel
@@ -161,32 +218,33 @@ def save_training_checkpoint(
     names = [m.name for m in models]
     if len(set(names)) != len(names) or ("" in names and len(names) > 1):
         raise ValueError(f"model names must be unique, and '' only for a single model; got {names}")
-    tmp = prepare_output(out, force=True)
-    for m in models:
-        base = tmp / m.name
-        save_dist_state(sharded_model_state(m.chunks), base / MODEL_SUBDIR)
-        if m.optimizer is not None:
-            opt_state = optimizer_sharded_state(m.optimizer, m.chunks, sharding_type, is_loading=False)
-            save_dist_state(opt_state, base / OPTIMIZER_SUBDIR)
+    with atomic_dir.cleanup_on_failure(out, need_bytes=_step_bytes(root, models)):
+        tmp = prepare_output(out, force=True)
+        for m in models:
+            base = tmp / m.name
+            save_dist_state(sharded_model_state(m.chunks), base / MODEL_SUBDIR)
+            if m.optimizer is not None:
+                opt_state = optimizer_sharded_state(m.optimizer, m.chunks, sharding_type, is_loading=False)
+                save_dist_state(opt_state, base / OPTIMIZER_SUBDIR)
+            if _rank() == 0:
+                _write_json_atomic(base / METADATA_FILE, m.metadata.to_json())
         if _rank() == 0:
-            _write_json_atomic(base / METADATA_FILE, m.metadata.to_json())
-    if _rank() == 0:
-        (tmp / RNG_SUBDIR).mkdir(exist_ok=True)
-    _barrier()
-    torch.save(rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        payload = {
-            "step": state.step,
-            "consumed_samples": state.consumed_samples,
-            "scheduler": state.scheduler,
-            "extra": state.extra,
-            "models": names,
-            "world_size": _world(),
-            "sharding_type": sharding_type,
-        }
-        _write_json_atomic(tmp / TRAINER_STATE_FILE, payload)
-    commit_output(tmp, out, metadata=None)
+            (tmp / RNG_SUBDIR).mkdir(exist_ok=True)
+        _barrier()
+        torch.save(rng_state(), tmp / RNG_SUBDIR / f"rank_{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            payload = {
+                "step": state.step,
+                "consumed_samples": state.consumed_samples,
+                "scheduler": state.scheduler,
+                "extra": state.extra,
+                "models": names,
+                "world_size": _world(),
+                "sharding_type": sharding_type,
+            }
+            _write_json_atomic(tmp / TRAINER_STATE_FILE, payload)
+        commit_output(tmp, out, metadata=None)
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     _barrier()

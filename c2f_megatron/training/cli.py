@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from c2f_megatron.config import ConfigError, dump_config, help_kwargs, load_config, to_dict
+from c2f_megatron.config import ConfigError, help_kwargs, load_config, to_dict
 
 JOBS: dict[str, tuple[str, str, str]] = {
     # command: (module, job config class, help)
@@ -79,19 +78,16 @@ def main(command: str, config_path: str | None, overrides: list[str]) -> int:
         print(f"c2f {command}: {exc}", file=sys.stderr)
         return 2
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
-    from c2f_megatron.platform.distributed import init_distributed, is_rank_zero
+    from c2f_megatron.platform.distributed import init_distributed
     from c2f_megatron.training.run_loop import NonFiniteLossError
     from c2f_megatron.training.trainer import run
 
     init_distributed(cfg.parallel)
     try:  # input problems (data files, tokenizer, checkpoints, config values): one line, no traceback
         task = module.build_task(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, OSError, ValueError) as exc:
         print(f"c2f {command}: {exc}", file=sys.stderr)
         return 2
-    if is_rank_zero():
-        Path(cfg.logging.run_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
     try:
         run(cfg, task, config_dump=to_dict(cfg))
     except CheckpointError as exc:

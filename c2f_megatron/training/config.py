@@ -32,11 +32,22 @@ class TrainConfig:
     exit_after_steps: int | None = None  # stop (after saving) once this step is reached: preemption drills
 
     def __post_init__(self) -> None:
-        for name in ("train_steps", "micro_batch_size", "global_batch_size", "seq_length", "keep_last"):
-            if getattr(self, name) < (0 if name == "train_steps" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_consecutive_nan < 1:
-            raise ValueError(f"max_consecutive_nan must be >= 1, got {self.max_consecutive_nan}")
+        for name in (
+            "train_steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval", "keep_last",
+            "max_consecutive_nan",
+        ):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "eval_batches", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.exit_after_steps is not None and self.exit_after_steps < 1:
+            raise ValueError(f"exit_after_steps must be >= 1 or null, got {self.exit_after_steps}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size}"
+            )
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         """Gradient-accumulation steps per optimizer step on each data-parallel rank."""
@@ -88,11 +99,15 @@ class ModelSection:
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    def resolve(self, from_checkpoint: ModelConfig | None = None) -> ModelConfig:
+    def __post_init__(self) -> None:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(self.overrides) - known)
         if unknown:
             raise ValueError(f"model.overrides: unknown field(s) {unknown}; known: {sorted(known)}")
+        if self.preset is not None:  # the architecture a run from scratch builds (a checkpoint's wins)
+            get_preset(self.preset, **self.overrides)
+
+    def resolve(self, from_checkpoint: ModelConfig | None = None) -> ModelConfig:
         if from_checkpoint is not None:
             fixed = sorted(
                 k

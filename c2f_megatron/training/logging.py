@@ -3,7 +3,9 @@
 wandb runs offline by default (files under the run directory, ``wandb sync`` uploads later) so a training
 job never needs the network; ``online`` is opt-in and ``disabled`` turns it off. The ``WANDB_MODE``
 environment variable, when set, wins (tests set it to ``disabled``). The run directory keeps its wandb run
-id (``wandb_run_id``), so a resumed or requeued job continues the same wandb run.
+id (``wandb_run_id``), so a resumed or requeued job continues the same wandb run; a trainer that saves
+``MetricsLogger.run_id`` in its checkpoints (``TrainerState.extra[WANDB_ID_KEY]``: every trainer does) and
+passes it back on resume continues it even from a new run directory.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ CONSOLE_WIDTH = 160
 
 
 WANDB_ID_FILE = "wandb_run_id"
+WANDB_ID_KEY = "wandb_run_id"  # the id in a checkpoint's trainer state (``TrainerState.extra``)
 
 
 def wandb_mode(cfg: LoggingConfig) -> str:
@@ -54,13 +57,14 @@ def wandb_mode(cfg: LoggingConfig) -> str:
     return os.environ.get("WANDB_MODE", cfg.wandb_mode)
 
 
-def wandb_run_id(run_dir: Path) -> str:
-    """The run directory's wandb id, made once and kept in ``run_dir/wandb_run_id``: a resumed or requeued
-    job logs into the same wandb run instead of starting a new one."""
+def wandb_run_id(run_dir: Path, from_checkpoint: str | None = None) -> str:
+    """The job's wandb id: the run directory's (``run_dir/wandb_run_id``), else the resumed checkpoint's
+    (``from_checkpoint``: the run directory was lost or is a new one), else a new id; kept in the run
+    directory, so a resumed or requeued job logs into the same wandb run instead of starting a new one."""
     path = run_dir / WANDB_ID_FILE
     if path.is_file() and path.read_text().strip():
         return path.read_text().strip()
-    run_id = uuid.uuid4().hex[:16]
+    run_id = from_checkpoint or uuid.uuid4().hex[:16]
     write_atomic(path, run_id + "\n")
     return run_id
 
@@ -71,6 +75,9 @@ class MetricsLogger:
     ``log(step, metrics, prefix)`` takes floats; ``train`` steps drive the rate/ETA estimate. The console
     shows ``console_keys`` (``(metric, label)`` pairs: the job's key metrics) on one line of at most about
     ``CONSOLE_WIDTH`` characters, unless ``cfg.verbose``; ``metrics.jsonl`` and wandb get every metric.
+
+    ``checkpoint_run_id``: the wandb id saved in the checkpoint the job resumed from (``wandb_run_id``
+    decides); ``run_id`` is the id to save in the next checkpoint (None when wandb never ran).
     """
 
     def __init__(
@@ -82,6 +89,7 @@ class MetricsLogger:
         stream: Any = None,
         console_keys: Sequence[tuple[str, str]] = (),
         unit: str = "step",
+        checkpoint_run_id: str | None = None,
     ):
         self.cfg = cfg
         self.total_steps = total_steps
@@ -93,15 +101,21 @@ class MetricsLogger:
         self._t0 = time.perf_counter()
         self._wandb = None
         self._jsonl = None
+        self.run_id = checkpoint_run_id
         if not self.rank_zero:
             return
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if config_dump is not None:  # written when the run starts, so a refused job leaves nothing behind
+            import yaml
+
+            write_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dump, sort_keys=False))
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
         mode = wandb_mode(cfg)
         if mode != "disabled":
             import wandb
 
+            self.run_id = wandb_run_id(run_dir, checkpoint_run_id)
             self._wandb = wandb.init(
                 project=cfg.wandb_project,
                 entity=cfg.wandb_entity,
@@ -109,7 +123,7 @@ class MetricsLogger:
                 mode=mode,
                 dir=str(run_dir),
                 config=config_dump,
-                id=wandb_run_id(run_dir),
+                id=self.run_id,
                 resume="allow",
                 settings=wandb.Settings(silent=True),  # the job's own summary says where its files are
             )
@@ -153,6 +167,14 @@ class MetricsLogger:
             self._wandb.log(named, step=step)
         if console:
             print(self.console_line(step, metrics, prefix), file=self.stream, flush=True)
+
+    def log_table(self, step: int, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A table (e.g. sample responses) to wandb under ``key`` at ``step``; a no-op without wandb."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        self._wandb.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
 
     def message(self, text: str) -> None:
         if self.rank_zero:

@@ -89,7 +89,11 @@ def run_loop(
                     raise NonFiniteLossError(
                         f"{consecutive_bad} consecutive non-finite {settings.unit}s ({settings.nonfinite_field}="
                         f"{settings.max_consecutive_nonfinite}); stopping at {settings.unit} {state.step}. "
-                        f"Last good checkpoint: {result.last_saved}"
+                        + (
+                            f"Last good checkpoint: {result.last_saved}"
+                            if result.last_saved
+                            else "No checkpoint saved yet"
+                        )
                     )
             else:
                 consecutive_bad = 0

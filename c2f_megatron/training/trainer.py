@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 from c2f_megatron.checkpoint.megatron_dir import CheckpointMetadata, read_metadata
 from c2f_megatron.checkpoint.resolve import check_tokenizer, resolve_checkpoint
-from c2f_megatron.checkpoint.steps import latest_checkpoint
 from c2f_megatron.engine.role_model import RoleModel
 from c2f_megatron.engine.schedule import StepResult
 from c2f_megatron.models.config import ModelConfig
@@ -26,11 +25,12 @@ from c2f_megatron.training.checkpointing import (
     ModelState,
     TrainerState,
     load_training_checkpoint,
+    resume_checkpoint,
     save_training_checkpoint,
 )
 from c2f_megatron.training.config import TrainerSections
 from c2f_megatron.training.data_order import DataOrder, epoch_of
-from c2f_megatron.training.logging import MetricsLogger
+from c2f_megatron.training.logging import WANDB_ID_KEY, MetricsLogger
 from c2f_megatron.training.run_loop import LoopSettings, StepOutcome, run_loop
 from c2f_megatron.training.summary import (
     RunSummary,
@@ -93,7 +93,7 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
     """Train ``task`` as configured. Call after ``init_distributed(cfg.parallel)``."""
     train_cfg = cfg.train
     ckpt_cfg = cfg.checkpoint
-    resume_dir = latest_checkpoint(ckpt_cfg.dir) if (ckpt_cfg.dir and ckpt_cfg.resume) else None
+    resume_dir = resume_checkpoint(ckpt_cfg.dir) if (ckpt_cfg.dir and ckpt_cfg.resume) else None
     init_from = None
     if resume_dir is None and ckpt_cfg.init_from:
         init_from = resolve_checkpoint(ckpt_cfg.init_from, field="checkpoint.init_from")
@@ -124,7 +124,12 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
     order = DataOrder(len(task.train), cfg.parallel.seed)
     seqs_per_micro = train_cfg.micro_batch_size * task.sequences_per_sample
     log = MetricsLogger(
-        cfg.logging, train_cfg.train_steps, config_dump, start_step=state.step, console_keys=CONSOLE_KEYS
+        cfg.logging,
+        train_cfg.train_steps,
+        config_dump,
+        start_step=state.step,
+        console_keys=CONSOLE_KEYS,
+        checkpoint_run_id=state.extra.get(WANDB_ID_KEY),
     )
     if resume_dir is not None:
         log.message(f"resumed from {resume_dir} at step {state.step}")
@@ -137,6 +142,8 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
         if not ckpt_cfg.dir:
             return None
         state.scheduler = role.scheduler.state_dict()
+        if log.run_id:
+            state.extra[WANDB_ID_KEY] = log.run_id
         path = save_training_checkpoint(
             ckpt_cfg.dir,
             models,

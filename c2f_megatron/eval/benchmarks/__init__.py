@@ -84,6 +84,7 @@ __all__ = [
     "evaluate_benchmark",
     "gsm8k_items",
     "mmlu_items",
+    "parse_benchmark_name",
     "read_jsonl",
     "require_field",
     "score_generation",
@@ -94,6 +95,21 @@ __all__ = [
 ]
 
 BENCHMARKS = ("mmlu", "arc_easy", "arc_challenge", "winogrande", "agieval", "bbh", "gsm8k")
+WITH_SUBTASKS = ("mmlu", "agieval", "bbh")
+
+
+def parse_benchmark_name(name: str) -> tuple[str, list[str] | None]:
+    """``"bbh:navigate,snarks"`` -> ``("bbh", ["navigate", "snarks"])``; an unknown benchmark, or subtasks of
+    one without them, raise ``ValueError`` (config load checks ``benchmarks.names`` with this)."""
+    base, _, sub = name.partition(":")
+    subtasks = [s for s in sub.split(",") if s] or None
+    if base not in BENCHMARKS:
+        raise ValueError(
+            f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)} (optionally ':subtask')"
+        )
+    if subtasks and base not in WITH_SUBTASKS:
+        raise ValueError(f"benchmark {base!r} has no subtasks (got {name!r})")
+    return base, subtasks
 
 
 def evaluate_benchmark(
@@ -113,15 +129,8 @@ def evaluate_benchmark(
     """Evaluate one benchmark; ``name`` is one of ``BENCHMARKS`` or "mmlu:<subject>", "agieval:<task>",
     "bbh:<task>" (comma-separated subtasks allowed) to restrict it. MMLU reports its categories too.
     ``max_new_tokens`` caps BBH's and GSM8K's generations below their standard 512 / 256 (a budget)."""
-    base, _, sub = name.partition(":")
-    subtasks = [s for s in sub.split(",") if s] or None
+    base, subtasks = parse_benchmark_name(name)
     ddir = Path(data_dir) if data_dir is not None else None
-    if base not in BENCHMARKS:
-        raise ValueError(
-            f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)} (optionally ':subtask')"
-        )
-    if subtasks and base not in ("mmlu", "agieval", "bbh"):
-        raise ValueError(f"benchmark {base!r} has no subtasks (got {name!r})")
     metric = "acc_norm" if length_normalized else "acc"
     if base == "mmlu":
         mc = mmlu_items(ddir, source, subtasks, limit, seed, mmlu_shots, mmlu_cloze)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,32 @@ def _other_index(i: int, n: int, seed: int) -> int:
 
 
 def read_jsonl(path: Path, error: type[ValueError] = BenchmarkDataError) -> list[dict[str, Any]]:
-    """All records of a benchmark's JSON Lines file; a missing file or a bad line raises ``error``."""
-    return files.read_jsonl(path, error)
+    """All records of a benchmark's JSON Lines file; a missing, unreadable or empty file, a line that is not
+    UTF-8 or not JSON, or a record that is not an object raises ``error`` naming file:line."""
+    rows = files.read_jsonl(path, error)
+    if not rows:
+        raise error(f"{path}: empty file (no records)")
+    for k, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise error(f"{path}: record {k}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def read_text(path: Path, error: type[ValueError] = BenchmarkDataError) -> str:
+    """The text of a benchmark file (CSV, JSON, a prompt); a missing, unreadable or empty file, or one that
+    is not UTF-8 (file:line), raises ``error``."""
+    text = "".join(files.decode_line(path, n, raw, error) for n, raw in files.read_lines(path, error))
+    if not text.strip():
+        raise error(f"{path}: empty file")
+    return text
+
+
+def read_json(path: Path, error: type[ValueError] = BenchmarkDataError) -> Any:
+    """A benchmark's JSON file (``read_text``); invalid JSON raises ``error`` naming file:line."""
+    try:
+        return json.loads(read_text(path, error))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
 
 
 def require_field(

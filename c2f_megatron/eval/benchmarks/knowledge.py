@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from c2f_megatron.eval.benchmarks.items import (
     _other_index,
     _require_dir,
     read_jsonl,
+    read_text,
     require_field,
     select_indices,
 )
@@ -107,24 +109,31 @@ def _parse_mmlu_answer(value: str, where: str) -> int:
 
 def read_mmlu_csv(path: Path, subject: str) -> list[MMLURecord]:
     """Rows question,A,B,C,D,answer; a header row (question,choice0,...) is skipped; answer is 0-3 or A-D."""
-    if not path.is_file():
-        raise BenchmarkDataError(f"{path}: file not found")
     out = []
-    with path.open(encoding="utf-8", newline="") as f:
-        for rowno, row in enumerate(csv.reader(f), 1):
-            if rowno == 1 and row and row[0] == "question" and row[-1] == "answer":
-                continue
-            where = f"{path} row {rowno}"
-            if len(row) != 6:
-                raise BenchmarkDataError(
-                    f"{where}: expected 6 fields (question,A,B,C,D,answer), got {len(row)}"
-                )
-            out.append(
-                MMLURecord(
-                    subject, row[0], (row[1], row[2], row[3], row[4]), _parse_mmlu_answer(row[5], where)
-                )
-            )
+    for rowno, row in enumerate(_read_csv(path), 1):
+        if rowno == 1 and row and row[0] == "question" and row[-1] == "answer":
+            continue
+        where = f"{path} row {rowno}"
+        if len(row) != 6:
+            raise BenchmarkDataError(f"{where}: expected 6 fields (question,A,B,C,D,answer), got {len(row)}")
+        out.append(
+            MMLURecord(subject, row[0], (row[1], row[2], row[3], row[4]), _parse_mmlu_answer(row[5], where))
+        )
+    if not out:
+        raise BenchmarkDataError(f"{path}: no question rows")
     return out
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    """Rows of a benchmark CSV file (``read_text``); a row the csv module refuses names the file and row."""
+    rows: list[list[str]] = []
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
+        for row in reader:
+            rows.append(row)
+    except csv.Error as e:
+        raise BenchmarkDataError(f"{path} row {len(rows) + 1}: not valid CSV ({e})") from e
+    return rows
 
 
 def mmlu_format_example(rec: MMLURecord, with_answer: bool, cloze: bool = False) -> str:
@@ -321,11 +330,8 @@ def _agieval_label(label: Any, where: str) -> str | None:
 
 def agieval_demos(csv_path: Path, task: str) -> list[dict[str, Any]]:
     """Demonstrations of ``task`` from few_shot_prompts.csv (cells are Python dict literals, "sample k" rows)."""
-    if not csv_path.is_file():
-        raise BenchmarkDataError(f"{csv_path}: file not found")
     column = "sat-en" if task == "sat-en-without-passage" else task
-    with csv_path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
+    rows = _read_csv(csv_path)
     if not rows or column not in rows[0]:
         raise BenchmarkDataError(f"{csv_path}: no column {column!r} in the header")
     j = rows[0].index(column)

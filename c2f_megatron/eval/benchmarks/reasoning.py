@@ -3,7 +3,6 @@ GSM8K (8-shot chain of thought)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,9 @@ from c2f_megatron.eval.benchmarks.items import (
     Source,
     _import_datasets,
     _require_dir,
+    read_json,
     read_jsonl,
+    read_text,
     require_field,
     select_indices,
 )
@@ -134,14 +135,16 @@ def bbh_items(
         cot = root / "cot-prompts" / f"{task}.txt"
         if not cot.is_file():
             raise BenchmarkDataError(f"{cot}: CoT prompt file not found")
-        prompts[task] = bbh_cot_prompt(cot.read_text(encoding="utf-8"))
+        prompts[task] = bbh_cot_prompt(read_text(cot))
         if source == "hub":
             examples = list(_import_datasets().load_dataset("lukaemon/bbh", task, split="test"))
         else:
             path = root / f"{task}.json"
             if not path.is_file():
                 raise BenchmarkDataError(f"{path}: file not found")
-            examples = require_field(json.loads(path.read_text(encoding="utf-8")), "examples", str(path))
+            examples = require_field(read_json(path), "examples", str(path))
+            if not isinstance(examples, list) or not examples:
+                raise BenchmarkDataError(f"{path}: field 'examples' must be a non-empty list")
         for k, ex in enumerate(examples):
             require_field(ex, "input", f"{task}.json examples[{k}]")
             require_field(ex, "target", f"{task}.json examples[{k}]")
