@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from c2f_megatron.checkpoint import CheckpointError
-from c2f_megatron.checkpoint.manifest import FileRecord, fsync_dir, write_manifest
+from c2f_megatron.checkpoint.manifest import FileRecord, file_records, fsync_dir, list_files, write_manifest
 
 # Below this much free space (or 5% of the filesystem) a failed write is taken for a full disk even when
 # the error does not say so (torch's "[enforce fail at inline_container.cc]", megatron's "Worker failure").
@@ -44,10 +44,13 @@ def prepare_output(out: Path, force: bool = False) -> Path:
     return tmp
 
 
-def commit_output(tmp: Path, out: Path, records: Sequence[FileRecord] | None = None) -> Path:
-    """Write ``tmp``'s manifest (``records``, or computed here), fsync, and move ``tmp`` to ``out``,
-    replacing an old ``out`` (kept as ``out.old`` until then)."""
-    write_manifest(tmp, records)
+def commit_output(tmp: Path, out: Path, written: Sequence[FileRecord] = ()) -> Path:
+    """Write ``tmp``'s manifest, fsync, and move ``tmp`` to ``out``, replacing an old ``out`` (kept as
+    ``out.old`` until then). ``written``: records of files already fsynced by their writer
+    (``manifest.RecordingFile``); the other files are read back for theirs and fsynced here."""
+    known = {r.path for r in written}
+    rest = file_records(tmp, [f for f in list_files(tmp) if f not in known])
+    write_manifest(tmp, [*written, *rest])
     if out.exists():
         old = out.with_name(out.name + ".old")
         if old.exists():

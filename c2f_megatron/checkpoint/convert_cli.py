@@ -13,14 +13,14 @@ import os
 import sys
 import traceback
 
-from c2f_megatron.models.config import DTYPES
+from c2f_megatron.models.config import DTYPE_NAMES
 
 
 def add_hf_to_megatron_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-dir", required=True, help="HF Mistral directory: config.json + safetensors")
     p.add_argument("--out", required=True, help="output c2f megatron checkpoint directory")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: the HF one)"
+        "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="parameter dtype (default: the HF one)"
     )
     p.add_argument(
         "--verify", action="store_true", help="compare HF and megatron logits; fail above tolerance"
@@ -41,7 +41,7 @@ def add_megatron_to_hf_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="output HF directory (safetensors shards + index + config)")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the checkpoint's)"
+        "--dtype", choices=sorted(DTYPE_NAMES), default=None, help="output dtype (default: the checkpoint's)"
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -53,7 +53,7 @@ def add_gguf_to_hf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output HF directory (safetensors + config + tokenizer)")
     p.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=sorted(DTYPE_NAMES),
         default="fp32",
         help="output dtype (default fp32: exact dequantization)",
     )
@@ -114,8 +114,7 @@ def run_gguf_to_hf(args: argparse.Namespace) -> int:
 
 
 def _guarded(convert) -> int:
-    from c2f_megatron.checkpoint.megatron_dir import CheckpointError
-    from c2f_megatron.platform.distributed import is_rank_zero
+    from c2f_megatron.checkpoint.megatron_dir import CheckpointError, rank_and_world
 
     try:
         report = convert()
@@ -123,15 +122,13 @@ def _guarded(convert) -> int:
         print(f"c2f convert: error: {exc}", file=sys.stderr)
         return 2
     except BaseException:
-        import torch.distributed as dist
-
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if rank_and_world()[1] > 1:
             # the other ranks wait in a collective this rank will never join: exit now so torchrun stops them
             traceback.print_exc()
             sys.stderr.flush()
             os._exit(1)
         raise
-    if is_rank_zero():
+    if rank_and_world()[0] == 0:
         verified = (
             ""
             if report.max_logit_diff is None

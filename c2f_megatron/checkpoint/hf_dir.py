@@ -12,9 +12,11 @@ Errors name the file and the field or tensor; callers choose the error class (th
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -236,18 +235,106 @@ class ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
 
+def shard_file_names(total: int) -> list[str]:
+    """HF's names for ``total`` safetensors shards (``model.safetensors`` alone)."""
+    if total == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+
+
+def write_shard_index(directory: Path, shards: Sequence[tuple[str, Sequence[str], int]]) -> None:
+    """``model.safetensors.index.json`` for shards ``(file name, tensor names, bytes)``, when there are
+    several."""
+    if len(shards) < 2:
+        return
+    weight_map = {n: file for file, names, _ in shards for n in names}
+    index = {
+        "metadata": {"total_size": sum(s[2] for s in shards)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
 def name_shards(directory: Path, written: list[tuple[str, list[str], int]]) -> None:
     """Rename ``ShardWriter`` parts (in the given order) to ``model-0000i-of-0000n.safetensors`` (or
     ``model.safetensors`` alone) and write the index when there is more than one."""
-    total = len(written)
-    weight_map: dict[str, str] = {}
-    for i, (part_name, names, _) in enumerate(written, start=1):
-        final = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else SINGLE_FILE
+    finals = shard_file_names(len(written))
+    for (part_name, _, _), final in zip(written, finals):
         os.replace(directory / part_name, directory / final)
-        weight_map.update({n: final for n in names})
-    if total > 1:
-        index = {
-            "metadata": {"total_size": sum(w[2] for w in written)},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    write_shard_index(directory, [(f, names, n) for f, (_, names, n) in zip(finals, written)])
+
+
+class StreamedShardFile:
+    """Writes one safetensors file whose header (names, dtypes, shapes, offsets) is known up front, so the
+    data can be appended chunk by chunk in header order (through ``manifest.RecordingFile``: size and
+    CRC-32 kept on the way, writeback started early)."""
+
+    def __init__(
+        self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+    ):
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for name, dtype, shape in entries:
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * DTYPE_BYTES[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as safetensors writes it
+        self.path = path
+        self.expected = offset
+        self.written = 0
+        self._f = manifest.RecordingFile(path, path.name)
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, data: memoryview, crc: int | None = None) -> None:
+        self._f.write(data, crc)
+        self.written += data.nbytes
+
+    def close(self) -> manifest.FileRecord:
+        """fsync and close; the file's manifest record."""
+        if self.written != self.expected:
+            self._f.abandon()
+            raise RuntimeError(
+                f"{self.path}: wrote {self.written} bytes of data, header says {self.expected}"
+            )
+        return self._f.close()
+
+    def abandon(self) -> None:
+        """Close the file if an error stopped the writing (its ``.partial`` directory stays incomplete)."""
+        self._f.abandon()
+
+
+class PositionedReader:
+    """Positioned reads (``preadv``: no seek, no intermediate copy) into reused buffers, one fd per shard."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fd
+
+    def read_into(self, file: Path, offset: int, buf: bytearray | memoryview, nbytes: int) -> None:
+        fd = self.fd(file)
+        view = memoryview(buf)
+        got = 0
+        while got < nbytes:
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[got:nbytes]], offset + got)
+            else:  # macOS before Python 3.12: seek + read (one reader thread owns the fd)
+                os.lseek(fd, offset + got, os.SEEK_SET)
+                n = os.readv(fd, [view[got:nbytes]])
+            if not n:
+                raise self.error(f"{file}: unexpected end of file at byte {offset + got} (truncated?)")
+            got += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -3,7 +3,7 @@
 ``MistralForCausalLM`` and ``LlamaForCausalLM`` (Mistral 7B v0.1-v0.3, Zephyr, Llama 2/3/3.x, SmolLM2, ...)
 share every tensor name and layout; they differ only in their config files (Mistral's sliding window).
 Pure functions only (no I/O, no distributed state) so each layout fact is unit-tested against a slow
-reference. The facts converters get wrong most often, and how megatron lays them out:
+reference; the module imports no torch (the tensor functions do, when called). The facts converters get wrong most often, and how megatron lays them out:
 
 - fused QKV is grouped per query group: ``[q heads of group g; k_g; v_g] for g in groups``; a TP rank holds
   the contiguous block of its groups, so the global tensor is the concatenation of the rank shards;
@@ -20,15 +20,16 @@ reference. The facts converters get wrong most often, and how megatron lays them
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import Tensor
+from c2f_megatron.checkpoint import CheckpointError
+from c2f_megatron.models.config import DTYPE_NAMES, ModelConfig
 
-from c2f_megatron.checkpoint.megatron_dir import CheckpointError
-from c2f_megatron.models.config import DTYPES, ModelConfig
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # family -> (architecture, model_type) of the HF config
 HF_CLASSES = {"mistral": ("MistralForCausalLM", "mistral"), "llama": ("LlamaForCausalLM", "llama")}
@@ -111,8 +112,8 @@ def model_config_from_hf(hf: dict[str, Any], source: str, params_dtype: str | No
         if hf_dtype not in HF_DTYPE_NAMES:
             raise fail("torch_dtype", f"is {hf_dtype!r}; expected one of {sorted(HF_DTYPE_NAMES)}")
         params_dtype = HF_DTYPE_NAMES[hf_dtype]
-    if params_dtype not in DTYPES:
-        raise ConversionError(f"dtype {params_dtype!r} is not one of {sorted(DTYPES)}")
+    if params_dtype not in DTYPE_NAMES:
+        raise ConversionError(f"dtype {params_dtype!r} is not one of {sorted(DTYPE_NAMES)}")
     return ModelConfig(
         family=family,  # type: ignore[arg-type]
         num_layers=hf["num_hidden_layers"],
@@ -339,6 +340,8 @@ def qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_groups:
 
     Result rows: for each group g, its ``num_heads/num_groups`` query heads, then k_g, then v_g.
     """
+    import torch
+
     d = q.shape[0] // num_heads
     hidden = q.shape[1:]
     per = num_heads // num_groups
@@ -350,6 +353,8 @@ def qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_groups:
 
 def qkv_from_megatron(qkv: Tensor, num_heads: int, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
     """HF q, k, v (contiguous, new tensors) from a fused megatron QKV; inverse of ``qkv_to_megatron``."""
+    import torch
+
     per = num_heads // num_groups
     d = qkv.shape[0] // (num_groups * (per + 2))
     grouped = qkv.reshape(num_groups, (per + 2) * d, *qkv.shape[1:])
@@ -359,23 +364,31 @@ def qkv_from_megatron(qkv: Tensor, num_heads: int, num_groups: int) -> tuple[Ten
 
 def fc1_to_megatron(gate: Tensor, up: Tensor) -> Tensor:
     """megatron ``linear_fc1`` = ``[gate; up]`` (global, or one rank's ``[gate_r; up_r]``)."""
+    import torch
+
     return torch.cat([gate, up], dim=0)
 
 
 def fc1_from_megatron(fc1: Tensor) -> tuple[Tensor, Tensor]:
     """``(gate, up)`` views of a ``[gate; up]`` fc1."""
+    import torch
+
     gate, up = torch.chunk(fc1, 2, dim=0)
     return gate, up
 
 
 def fc1_from_tp_shards(shards: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Global ``(gate, up)`` from the TP ranks' ``[gate_r; up_r]`` shards (in rank order)."""
+    import torch
+
     halves = [fc1_from_megatron(s) for s in shards]
     return torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])
 
 
 def pad_vocab(weight: Tensor, padded_rows: int) -> Tensor:
     """Append zero rows up to ``padded_rows`` (megatron pads the vocab for TP divisibility)."""
+    import torch
+
     extra = padded_rows - weight.shape[0]
     if extra < 0:
         raise ValueError(f"cannot pad a vocab of {weight.shape[0]} rows down to {padded_rows}")
@@ -397,3 +410,174 @@ def vocab_rows_for_rank(vocab_size: int, padded: int, tp: int, rank: int) -> tup
     real_stop = min(stop, vocab_size)
     real = max(real_stop - start, 0)
     return min(start, vocab_size), real, (stop - start) - real
+
+
+# ------------------------------------------------------------------------------ distributed-checkpoint plan
+#
+# The streaming converters write and read megatron's ``torch_dist`` files directly. On disk every layer
+# tensor is one global tensor ``decoder.layers.<TE name>`` with the layer as its first dimension (the local
+# spec maps its norm names onto the TE ones when it saves), and ``linear_fc1`` is ``[gate; up]`` along
+# its rows. A plan is a list of chunks, each a box of a global tensor filled by contiguous element ranges
+# of HF tensors: the same plan is read forwards (HF -> megatron) and backwards (megatron -> HF).
+
+LAYER_KEY_PREFIX = "decoder.layers."
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_proj",
+    "self_attention.linear_qkv",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``src:src+n`` of HF tensor ``hf`` are elements ``dst:dst+n`` of a chunk (row-major)."""
+
+    hf: str
+    src: int
+    n: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class DistChunk:
+    """A box of a global megatron tensor (``offsets``/``sizes``) and the HF ranges that fill it (rows of a
+    vocab chunk that no piece covers are padding zeros)."""
+
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+def dist_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """The global shape of every tensor megatron's ``GPTModel.sharded_state_dict`` saves."""
+    h, d, f, n = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size, cfg.num_layers
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (padded_vocab, h)}
+    layer = {
+        "self_attention.linear_qkv.layer_norm_weight": (h,),
+        "self_attention.linear_qkv.weight": (q + 2 * kv, h),
+        "self_attention.linear_proj.weight": (h, q),
+        "mlp.linear_fc1.layer_norm_weight": (h,),
+        "mlp.linear_fc1.weight": (2 * f, h),
+        "mlp.linear_fc2.weight": (h, f),
+    }
+    shapes.update({LAYER_KEY_PREFIX + k: (n, *v) for k, v in layer.items()})
+    shapes["decoder.final_layernorm.weight"] = (h,)
+    if not cfg.tied_embeddings:
+        shapes["output_layer.weight"] = (padded_vocab, h)
+    return shapes
+
+
+def extra_state_keys(layer: int, num_layers: int) -> list[str]:
+    """The ShardedObject keys megatron saves for one layer's linear modules (their ``_extra_state``)."""
+    return [f"{LAYER_KEY_PREFIX}{m}._extra_state/shard_{layer}_{num_layers}" for m in EXTRA_STATE_MODULES]
+
+
+def _whole(key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], hf: str) -> DistChunk:
+    n = 1
+    for s in sizes:
+        n *= s
+    return DistChunk(key, offsets, sizes, (Piece(hf, 0, n, 0),))
+
+
+def dist_layer_chunks(cfg: ModelConfig, layer: int) -> list[DistChunk]:
+    """One layer's chunks: fused QKV interleaved per query group, fc1 as its gate and up halves."""
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    groups, per = cfg.num_query_groups, cfg.num_attention_heads // cfg.num_query_groups
+    q, kv = cfg.num_attention_heads * d, groups * d
+    name = lambda n: hf_layer_name(layer, n)  # noqa: E731
+    key = lambda k: LAYER_KEY_PREFIX + k  # noqa: E731
+    qkv: list[Piece] = []
+    for g in range(groups):
+        base = g * (per + 2) * d * h
+        qkv.append(Piece(name("self_attn.q_proj.weight"), g * per * d * h, per * d * h, base))
+        qkv.append(Piece(name("self_attn.k_proj.weight"), g * d * h, d * h, base + per * d * h))
+        qkv.append(Piece(name("self_attn.v_proj.weight"), g * d * h, d * h, base + (per + 1) * d * h))
+    return [
+        _whole(
+            key("self_attention.linear_qkv.layer_norm_weight"),
+            (layer, 0),
+            (1, h),
+            name("input_layernorm.weight"),
+        ),
+        DistChunk(key("self_attention.linear_qkv.weight"), (layer, 0, 0), (1, q + 2 * kv, h), tuple(qkv)),
+        _whole(
+            key("self_attention.linear_proj.weight"),
+            (layer, 0, 0),
+            (1, h, q),
+            name("self_attn.o_proj.weight"),
+        ),
+        _whole(
+            key("mlp.linear_fc1.layer_norm_weight"),
+            (layer, 0),
+            (1, h),
+            name("post_attention_layernorm.weight"),
+        ),
+        _whole(key("mlp.linear_fc1.weight"), (layer, 0, 0), (1, f, h), name("mlp.gate_proj.weight")),
+        _whole(key("mlp.linear_fc1.weight"), (layer, f, 0), (1, f, h), name("mlp.up_proj.weight")),
+        _whole(key("mlp.linear_fc2.weight"), (layer, 0, 0), (1, h, f), name("mlp.down_proj.weight")),
+    ]
+
+
+def dist_units(cfg: ModelConfig, padded_vocab: int) -> list[list[DistChunk]]:
+    """The whole model as units of work in HF order: the embedding, each layer, the final norm, the
+    output layer (untied only). Vocab rows past ``vocab_size`` are left to the zero padding."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+
+    def vocab(key: str, hf: str) -> DistChunk:
+        return DistChunk(key, (0, 0), (padded_vocab, h), (Piece(hf, 0, v * h, 0),))
+
+    units = [[vocab(EMBEDDING.megatron, EMBEDDING.hf[0])]]
+    units += [dist_layer_chunks(cfg, i) for i in range(cfg.num_layers)]
+    units.append([_whole(FINAL_NORM.megatron, (0,), (h,), FINAL_NORM.hf[0])])
+    if not cfg.tied_embeddings:
+        units.append([vocab(LM_HEAD.megatron, LM_HEAD.hf[0])])
+    return units
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """HF rows ``dst:dst+n`` are rows ``row:row+n`` of global tensor ``key`` at ``layer`` (None: not a
+    layer tensor), each tensor seen per layer as rows x cols (a vector is one row)."""
+
+    key: str
+    layer: int | None
+    row: int
+    n: int
+    dst: int
+
+
+def per_layer_matrix(key: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of one layer's slice of a global tensor (the tensor itself outside the layers)."""
+    inner = shape[1:] if key.startswith(LAYER_KEY_PREFIX) else shape
+    return (1, inner[0]) if len(inner) == 1 else (inner[0], inner[1])
+
+
+def hf_row_sources(cfg: ModelConfig, padded_vocab: int) -> dict[str, list[RowSource]]:
+    """Where each HF tensor's rows lie in the global megatron tensors: the plan of ``dist_units`` read
+    backwards (every piece is whole rows)."""
+    shapes = dist_shapes(cfg, padded_vocab)
+    hf_cols = {
+        name: (shape[1] if len(shape) == 2 else shape[0]) for name, shape in expected_hf_shapes(cfg).items()
+    }
+    out: dict[str, list[RowSource]] = {}
+    for unit in dist_units(cfg, padded_vocab):
+        for chunk in unit:
+            layered = chunk.key.startswith(LAYER_KEY_PREFIX)
+            _, cols = per_layer_matrix(chunk.key, shapes[chunk.key])
+            inner = chunk.offsets[1:] if layered else chunk.offsets
+            row0 = inner[0] if len(inner) == 2 else 0
+            for p in chunk.pieces:
+                if p.n % cols or p.dst % cols or p.src % hf_cols[p.hf]:
+                    raise ValueError(f"internal: piece {p} of {chunk.key} is not whole rows")
+                layer = chunk.offsets[0] if layered else None
+                out.setdefault(p.hf, []).append(
+                    RowSource(chunk.key, layer, row0 + p.dst // cols, p.n // cols, p.src // hf_cols[p.hf])
+                )
+    return out

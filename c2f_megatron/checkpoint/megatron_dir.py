@@ -10,6 +10,7 @@ Layout (the converters, the merge tool and every trainer read and write this)::
 A distributed checkpoint stores global tensors with shard offsets, so ``model/`` written at any TP/PP loads
 at any TP/PP. Writes are atomic: everything goes to ``CKPT.partial`` and is renamed to ``CKPT`` after every
 rank finished and the JSON was written; a directory without ``c2f_checkpoint.json`` is never complete.
+The module imports torch only in the functions that need it (the streaming converters use the rest).
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-
-from c2f_megatron.checkpoint import METADATA_FILE, CheckpointError, atomic_dir, manifest
+from c2f_megatron.checkpoint import METADATA_FILE, CheckpointError, atomic_dir, dcp_files, manifest
 from c2f_megatron.checkpoint.manifest import DIST_CHECKPOINT_FILES
 from c2f_megatron.files import write_atomic
 from c2f_megatron.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_SUBDIR = "model"
 FORMAT_NAME = "c2f-megatron"
@@ -94,13 +98,41 @@ def read_metadata(ckpt_dir: str | Path) -> CheckpointMetadata:
     )
 
 
+def _group() -> Any:
+    """``torch.distributed`` when a process group exists, else None (without torch imported there is none,
+    so this never imports it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    dist = _group()
+    return dist.get_rank() if dist is not None else 0
+
+
+def _world() -> int:
+    dist = _group()
+    return dist.get_world_size() if dist is not None else 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    return _rank(), _world()
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (``[obj]`` in one process)."""
+    dist = _group()
+    if dist is None or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def prepare_output(out_dir: str | Path, force: bool = False) -> Path:
@@ -113,32 +145,31 @@ def prepare_output(out_dir: str | Path, force: bool = False) -> Path:
     return tmp
 
 
-def commit_output(tmp: Path, out_dir: str | Path, metadata: CheckpointMetadata | None) -> Path:
-    """Write metadata (rank 0), the manifest (every rank checksums a slice of the files) and atomically
-    move ``tmp`` to ``out_dir`` once every rank is done."""
+def commit_output(
+    tmp: Path,
+    out_dir: str | Path,
+    metadata: CheckpointMetadata | None,
+    written: Sequence[manifest.FileRecord] = (),
+) -> Path:
+    """Write metadata (rank 0), the manifest and atomically move ``tmp`` to ``out_dir`` once every rank is
+    done. ``written``: records of files this rank wrote and fsynced itself (``manifest.RecordingFile``),
+    not read back; every rank checksums (and fsyncs) a slice of the others."""
     out = Path(out_dir)
     _barrier()
     if _rank() == 0 and metadata is not None:
         write_atomic(tmp / METADATA_FILE, json.dumps(metadata.to_json(), indent=2, sort_keys=True))
-    records = _file_records(tmp)
+    records = [r for part in all_gather_objects(list(written)) for r in part]
+    _barrier()
+    known = {r.path for r in records}
+    listing = all_gather_objects(
+        [p for p in manifest.list_files(tmp) if p not in known] if _rank() == 0 else None
+    )
+    mine = manifest.file_records(tmp, listing[0][_rank() :: _world()])
+    records += [r for part in all_gather_objects(mine) for r in part]
     if _rank() == 0:
         atomic_dir.commit_output(tmp, out, records)
     _barrier()
     return out
-
-
-def _file_records(tmp: Path) -> list[manifest.FileRecord] | None:
-    """The manifest records of ``tmp``, each rank reading (and fsyncing) every world-size-th file."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    _barrier()
-    listing = [manifest.list_files(tmp) if _rank() == 0 else None]
-    dist.broadcast_object_list(listing, src=0)
-    world = dist.get_world_size()
-    mine = manifest.file_records(tmp, listing[0][_rank() :: world])
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return [r for part in gathered for r in part]
 
 
 def sharded_model_state(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
@@ -193,12 +224,7 @@ def load_dist_state(sharded_state: dict[str, Any], directory: Path) -> dict[str,
         raise CheckpointError(f"{directory}: no megatron distributed checkpoint here (metadata.json missing)")
     problems = verify_checkpoint(directory)
     if problems:
-        more = (
-            f" (and {len(problems) - 1} more; `c2f checkpoint verify` lists them)"
-            if len(problems) > 1
-            else ""
-        )
-        raise CheckpointError(problems[0] + more)
+        raise problems_error(problems)
     check_pickles(directory)
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -215,49 +241,27 @@ def load_dist_state(sharded_state: dict[str, Any], directory: Path) -> dict[str,
         ) from exc
 
 
-# What a torch.distributed.checkpoint ``.metadata`` pickle may name: dcp's own metadata classes, torch dtypes,
-# sizes and layouts, and plain containers.
-_DCP_GLOBALS = {
-    "torch": {
-        "Size",
-        "strided",
-        *(str(d).removeprefix("torch.") for d in vars(torch).values() if isinstance(d, torch.dtype)),
-    },
-    "torch.serialization": {"_get_layout"},
-    "collections": {"OrderedDict"},
-    "builtins": {"set", "frozenset", "slice", "tuple", "list", "dict"},
-}
-
-
-def check_pickles(directory: Path) -> None:
-    """Refuse a distributed checkpoint whose pickles could run code, before torch reads them: ``.metadata``
-    may name nothing beyond ``_DCP_GLOBALS`` (torch.distributed.checkpoint reads it with plain
-    ``pickle.load``), and ``common.pt`` must load with ``weights_only`` (whatever torch's default is)."""
-    import pickle
-
-    class Restricted(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            if module.startswith("torch.distributed.checkpoint.") or name in _DCP_GLOBALS.get(module, ()):
-                return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"it names {module}.{name}")
-
-    def refuse(path: Path, what: str, exc: BaseException) -> CheckpointError:
-        reason = " ".join(str(exc).split())
-        reason = (reason.split(". ")[0] if len(reason) > 160 else reason) or type(exc).__name__
-        return CheckpointError(f"{path}: not a plain {what} ({reason}); refused")
-
+def check_pickles(directory: Path) -> dcp_files.DcpIndex:
+    """Refuse a distributed checkpoint whose pickles could run code, before torch reads them, and return
+    its index: ``.metadata`` may name nothing but dcp's classes, torch dtypes, sizes and layouts and plain
+    containers (``dcp_files.read_index``; torch.distributed.checkpoint reads it with plain
+    ``pickle.load``), and ``common.pt`` must be plain data or load with ``weights_only``."""
     for name in DIST_CHECKPOINT_FILES[1:]:
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory / name}: missing (distributed checkpoint incomplete)")
+    index = dcp_files.read_index(directory)
+    common = directory / dcp_files.COMMON_FILE
+    if dcp_files.is_plain_pickle_archive(common):  # what every model part holds ({}): no torch needed
+        return index
+    import torch
+
     try:
-        with open(directory / ".metadata", "rb") as f:
-            Restricted(f).load()
+        torch.load(common, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise refuse(directory / ".metadata", "distributed-checkpoint index", exc) from None
-    try:
-        torch.load(directory / "common.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise refuse(directory / "common.pt", "tensor file", exc) from None
+        reason = " ".join(str(exc).split())
+        reason = (reason.split(". ")[0] if len(reason) > 160 else reason) or type(exc).__name__
+        raise CheckpointError(f"{common}: not a plain tensor file ({reason}); refused") from None
+    return index
 
 
 def verify_checkpoint(path: str | Path) -> list[str]:
@@ -272,18 +276,47 @@ def verify_checkpoint(path: str | Path) -> list[str]:
         key = (found[0].resolve(), (found[0] / manifest.MANIFEST_FILE).stat().st_mtime_ns)
         if key in _VERIFIED:
             return []
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()
     problems = manifest.verify(path, checksums=False) or manifest.verify(path, part=(_rank(), world))
     if world > 1:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, problems)
-        problems = sorted({p for part in gathered for p in part})
+        problems = sorted({p for part in all_gather_objects(problems) for p in part})
     if not problems and found is not None and not found[1]:
         _VERIFIED.add(key)
     return problems
 
 
 _VERIFIED: set[tuple[Path, int]] = set()  # (directory, manifest mtime) checked whole by this process
+
+
+def problems_error(problems: Sequence[str]) -> CheckpointError:
+    """One ``CheckpointError`` line for ``verify_checkpoint``'s problems."""
+    more = f" (and {len(problems) - 1} more; `c2f checkpoint verify` lists them)" if len(problems) > 1 else ""
+    return CheckpointError(problems[0] + more)
+
+
+@contextmanager
+def verified_while_reading(path: Path) -> Iterator[None]:
+    """``verify_checkpoint`` around code that reads the same files: the sizes are checked at once, the
+    CRC-32s in a thread while the block runs (the block reads from the page cache what the check reads).
+    A problem is raised as one ``CheckpointError`` when the block ends, and when the block fails too, since
+    a corrupt file then explains the failure. All ranks enter it."""
+    problems = manifest.verify(path, checksums=False)
+    if problems:
+        raise problems_error(problems)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="c2f-verify")
+    job = pool.submit(manifest.verify, path, True, (_rank(), _world()))
+    try:
+        yield
+    except BaseException as exc:
+        local = job.result()
+        if local:
+            raise problems_error(local) from exc
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    problems = sorted({p for part in all_gather_objects(job.result()) for p in part})
+    if problems:
+        raise problems_error(problems)
 
 
 def save_model_checkpoint(

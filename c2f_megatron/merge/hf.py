@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import struct
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from c2f_megatron.checkpoint import HF_SIDE_FILES, TOKENIZER_FILES
 from c2f_megatron.checkpoint.atomic_dir import cleanup_on_failure, commit_output, prepare_output
 from c2f_megatron.checkpoint.hf_dir import (
     INDEX_FILE,
     HFCheckpoint,
+    PositionedReader,
+    StreamedShardFile,
     open_hf_checkpoint,
 )
+from c2f_megatron.checkpoint.manifest import FileRecord
 from c2f_megatron.merge import MergeError, check_outputs_free, provenance
 from c2f_megatron.merge.engine import ITEMSIZE, BufferMerger
 from c2f_megatron.merge.recipe import MergeRecipe
@@ -99,76 +100,6 @@ def check_compatible(ckpts: Sequence[HFCheckpoint], labels: Sequence[str]) -> No
             )
 
 
-class StreamedShardFile:
-    """Writes one safetensors file whose header (names, dtypes, shapes, offsets) is known up front, so the
-    data can be appended chunk by chunk in header order."""
-
-    def __init__(
-        self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
-    ):
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        for name, dtype, shape in entries:
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * ITEMSIZE[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as safetensors writes it
-        self.path = path
-        self.expected = offset
-        self.written = 0
-        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
-
-    def write(self, data: memoryview) -> None:
-        self._f.write(data)
-        self.written += data.nbytes
-
-    def close(self) -> None:
-        self._f.close()
-        if self.written != self.expected:
-            raise RuntimeError(
-                f"{self.path}: wrote {self.written} bytes of data, header says {self.expected}"
-            )
-
-    def abandon(self) -> None:
-        """Close the file if an error stopped the writing (its ``.partial`` directory stays incomplete)."""
-        if not self._f.closed:
-            self._f.close()
-
-
-class _Reader:
-    """Positioned reads (``preadv``: no seek, no intermediate copy) into reused buffers, one fd per shard."""
-
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
-
-    def read_into(self, file: Path, offset: int, buf: bytearray, nbytes: int) -> None:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        view = memoryview(buf)
-        got = 0
-        while got < nbytes:
-            if hasattr(os, "preadv"):
-                n = os.preadv(fd, [view[got:nbytes]], offset + got)
-            else:  # macOS before Python 3.12: seek + read (one reader thread owns the fd)
-                os.lseek(fd, offset + got, os.SEEK_SET)
-                n = os.readv(fd, [view[got:nbytes]])
-            if not n:
-                raise MergeError(f"{file}: unexpected end of file at byte {offset + got} (truncated?)")
-            got += n
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
 def merge_hf(
     inputs: Sequence[str | Path],
     roles: Sequence[str],
@@ -210,12 +141,12 @@ def merge_hf(
     with cleanup_on_failure(out_paths, need * len(out_paths), what):
         tmps = [prepare_output(o, force=force) for o in out_paths]
         try:
-            _stream(ckpts, tmps, records, merger, out_dt, chunk or IO_CHUNK)
+            written = _stream(ckpts, tmps, records, merger, out_dt, chunk or IO_CHUNK)
             for tmp, rec in zip(tmps, records):
                 _write_side_files(ref, tmp, dtype, out_dt, rec)
         finally:
             merger.close()
-        return [commit_output(tmp, o) for tmp, o in zip(tmps, out_paths)]
+        return [commit_output(tmp, o, w) for tmp, o, w in zip(tmps, out_paths, written)]
 
 
 @dataclass(frozen=True)
@@ -234,8 +165,10 @@ def _plan(
     records: Sequence[dict[str, Any]],
     out_dt: dict[str, str],
     chunk: int,
+    written: list[list[FileRecord]],
 ) -> list[tuple[list[StreamedShardFile], _Chunk]]:
-    """Open every output shard (header written) and list the chunks in file order with their writers."""
+    """Open every output shard (header written) and list the chunks in file order with their writers
+    (a shard without tensors is closed at once, its record added to ``written``)."""
     shard_chunks: list[tuple[list[StreamedShardFile], _Chunk]] = []
     for shard in ref.shards:
         entries = ref.shard_tensors(shard)
@@ -253,8 +186,8 @@ def _plan(
             for start in range(0, max(t.numel, 1), chunk)
         ]
         if not chunks:  # a shard without tensors: header only
-            for w in writers:
-                w.close()
+            for w, done in zip(writers, written):
+                done.append(w.close())
             continue
         chunks[-1] = dataclasses.replace(chunks[-1], last=True)
         shard_chunks.extend((writers, c) for c in chunks)
@@ -269,10 +202,11 @@ def _stream(
     out_dt: dict[str, str],
     chunk: int,
     depth: int | None = None,
-) -> None:
+) -> list[list[FileRecord]]:
     """Read -> merge -> write every chunk, reads and writes in two helper threads (file I/O and the kernel
     release the GIL), so the arithmetic hides behind the I/O. ``depth`` buffer sets rotate: while chunk i is
-    merged, chunks i+1..i+depth-1 are read and chunk i-1 is written (default ``PIPELINE_DEPTH``)."""
+    merged, chunks i+1..i+depth-1 are read and chunk i-1 is written (default ``PIPELINE_DEPTH``). Returns
+    the manifest records of each output's shards."""
     depth = depth or PIPELINE_DEPTH
     ref = ckpts[0]
     in_size = max(ITEMSIZE[t.dtype] for t in ref.tensors.values())
@@ -281,7 +215,7 @@ def _stream(
         ([bytearray(chunk * in_size) for _ in ckpts], [bytearray(chunk * out_size) for _ in tmps])
         for _ in range(depth)
     ]
-    reader = _Reader()
+    reader = PositionedReader(MergeError)
 
     def read(c: _Chunk, slot: int) -> None:
         for ckpt, buf in zip(ckpts, slots[slot][0]):
@@ -289,13 +223,15 @@ def _stream(
             size = ITEMSIZE[src.dtype]
             reader.read_into(src.file, src.begin + c.start * size, buf, c.n * size)
 
+    written: list[list[FileRecord]] = [[] for _ in tmps]
+
     def write(writers: list[StreamedShardFile], slot: int, nbytes: int, close: bool) -> None:
-        for w, buf in zip(writers, slots[slot][1]):
+        for w, buf, done in zip(writers, slots[slot][1], written):
             w.write(memoryview(buf)[:nbytes])
             if close:
-                w.close()
+                done.append(w.close())
 
-    shard_chunks = _plan(ref, tmps, records, out_dt, chunk)
+    shard_chunks = _plan(ref, tmps, records, out_dt, chunk, written)
     read_pool, write_pool = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
     reads: dict[int, Future] = {}
     writes: list[Future | None] = [None] * depth
@@ -316,6 +252,7 @@ def _stream(
         for f in writes:
             if f is not None:
                 f.result()
+        return written
     finally:
         read_pool.shutdown(wait=True, cancel_futures=True)
         write_pool.shutdown(wait=True, cancel_futures=True)

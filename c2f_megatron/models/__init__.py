@@ -1,20 +1,32 @@
 """Model architectures: ``ModelConfig`` and the presets (Mistral, Llama-3, SmolLM2) translated to megatron's
 ``TransformerConfig``, the run-time layer spec (TE / torch SDPA / local), the ``GPTModel`` builder and the
-scalar value head. No checkpoint I/O here (that is ``checkpoint`` and ``engine.weights``)."""
+scalar value head. No checkpoint I/O here (that is ``checkpoint`` and ``engine.weights``).
 
-from c2f_megatron.models.config import PRESETS, ModelConfig, get_preset, to_transformer_config
-from c2f_megatron.models.gpt import build_gpt_model, build_model_chunks, mask_padded_vocab, position_ids_for
-from c2f_megatron.models.specs import get_layer_spec, resolve_layer_spec
+The names below load their module on first use (PEP 562), so that ``models.config`` alone (what the
+converters need) imports neither torch nor megatron."""
 
-__all__ = [
-    "PRESETS",
-    "ModelConfig",
-    "build_gpt_model",
-    "build_model_chunks",
-    "get_layer_spec",
-    "get_preset",
-    "mask_padded_vocab",
-    "position_ids_for",
-    "resolve_layer_spec",
-    "to_transformer_config",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "PRESETS": "config",
+    "ModelConfig": "config",
+    "get_preset": "config",
+    "to_transformer_config": "config",
+    "build_gpt_model": "gpt",
+    "build_model_chunks": "gpt",
+    "mask_padded_vocab": "gpt",
+    "position_ids_for": "gpt",
+    "get_layer_spec": "specs",
+    "resolve_layer_spec": "specs",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -18,14 +18,25 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 LayerSpecName = Literal["auto", "te", "sdpa", "local"]
 DTypeName = Literal["fp32", "bf16", "fp16"]
 FamilyName = Literal["mistral", "llama"]
 FAMILIES = ("mistral", "llama")
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The parameter dtypes by name. ``DTYPES`` maps them to torch dtypes and imports torch on first use (module
+# ``__getattr__``), so that code which only needs the names (the converters' command line) stays torch-free.
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+_TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":
+        import torch
+
+        return {k: getattr(torch, v) for k, v in _TORCH_DTYPE.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ModelConfig fields a run may choose when it loads a checkpoint: kernels and regularisation, not the
 # architecture (a checkpoint trained with one layer spec loads and merges with another's).
 RUNTIME_FIELDS = ("layer_spec", "attention_dropout", "hidden_dropout")
@@ -93,8 +104,8 @@ class ModelConfig:
             problems.append(f"sliding_window must be >= 1 or null, got {self.sliding_window}")
         if self.sliding_window is not None and self.family == "llama":
             problems.append("sliding_window must be null for family 'llama' (LlamaForCausalLM has none)")
-        if self.params_dtype not in DTYPES:
-            problems.append(f"params_dtype must be one of {sorted(DTYPES)}, got {self.params_dtype!r}")
+        if self.params_dtype not in DTYPE_NAMES:
+            problems.append(f"params_dtype must be one of {sorted(DTYPE_NAMES)}, got {self.params_dtype!r}")
         if self.layer_spec not in ("auto", "te", "sdpa", "local"):
             problems.append(f"layer_spec must be auto|te|sdpa|local, got {self.layer_spec!r}")
         if problems:
@@ -143,11 +154,12 @@ def to_transformer_config(
     **overrides: Any,
 ):
     """The megatron ``TransformerConfig`` of a Mistral model at a given parallel layout."""
+    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from c2f_megatron.platform.distributed import use_cuda
 
-    dtype = DTYPES[model.params_dtype]
+    dtype = getattr(torch, _TORCH_DTYPE[model.params_dtype])
     if model.num_layers % pipeline_model_parallel_size:
         raise ValueError(
             f"pipeline_model_parallel_size {pipeline_model_parallel_size} does not divide num_layers "
