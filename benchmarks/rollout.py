@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument(
+        "--peak-bandwidth", type=float, default=4.8e12, help="memory bandwidth of one GPU, bytes/s (H200)"
+    )
     args = parser.parse_args()
 
     from c2f_megatron.generation.rollout import GenerationConfig, generate
@@ -126,6 +129,18 @@ def main() -> None:
     print(f"HF generate (KV cache):       {n_tokens / t_hf:9.1f} tokens/s  ({t_hf:.2f} s)")
     print(f"ratio megatron / HF:          {t_hf / t_ours:9.2f}")
     print(f"greedy tokens equal:          {agree:9.1%}  (first mismatch per row: {first})")
+    if dev.type == "cuda":
+        # a decode step reads every weight and the KV cache written so far once: the bandwidth bound
+        item = 2 if args.dtype == "bf16" else 4
+        weights = sum(p.numel() for p in model.parameters()) * item
+        mean_context = args.prompt + args.new / 2
+        kv = 2 * cfg.num_layers * cfg.num_query_groups * cfg.head_dim * item * args.batch * mean_context
+        bound_s = args.new * (weights + kv) / args.peak_bandwidth
+        print(
+            f"bandwidth bound:              {n_tokens / bound_s:9.1f} tokens/s  (weights {weights / 1e9:.2f} GB + "
+            f"mean KV {kv / 1e9:.2f} GB per step at {args.peak_bandwidth / 1e12:.1f} TB/s); megatron at "
+            f"{100 * bound_s / t_ours:.1f}% of it"
+        )
 
 
 if __name__ == "__main__":

@@ -195,3 +195,21 @@ def test_a_layout_the_model_cannot_take_names_the_role(tmp_path: Path) -> None:
             [str(cfg), "ppo.iterations=1", "critic.parallel.tensor_model_parallel_size=2"],
             timeout=200,
         )
+
+
+def test_sequence_parallel_and_recompute_leave_ppo_unchanged(
+    tmp_path: Path, init_ckpt: Path, baseline: list[dict]
+) -> None:
+    """Actor and critic at TP2 with sequence parallelism (rows padded to a multiple of TP, the rollout
+    decoding without it) and selective recompute: the single-process run's metrics."""
+    run_dir = tmp_path / "sp"
+    layout = [
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.sequence_parallel=true",
+        "parallel.recompute_granularity=selective",
+        "reference.parallel.tensor_model_parallel_size=1",
+        "reward.parallel.tensor_model_parallel_size=1",
+    ]
+    cfg = write_config(tmp_path / "sp.yaml", run_dir, TWO_LAYERS)
+    run_torchrun("ppo_cli.py", 2, _args(cfg, init_ckpt, 3, *layout))
+    _assert_same(baseline, read_metrics(run_dir), "sequence parallel")

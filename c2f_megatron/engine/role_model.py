@@ -29,11 +29,14 @@ from c2f_megatron.platform.role_layout import RoleLayout, global_layout
 Kind = Literal["gpt", "value"]
 
 
-def build_chunks(kind: str, model_cfg: ModelConfig, layout: RoleLayout, initialize: bool = True) -> list:
+def build_chunks(
+    kind: str, model_cfg: ModelConfig, layout: RoleLayout, initialize: bool = True, **config_overrides
+) -> list:
     """The rank's chunks (LM head or scalar head) with the per-token loss convention the schedules rely on;
     ``initialize=False`` skips random init (weights are loaded next; frozen models only: megatron sets the
-    weights' tensor-parallel attributes on the init path)."""
-    kwargs = dict(calculate_per_token_loss=True, perform_initialization=initialize)
+    weights' tensor-parallel attributes on the init path). ``config_overrides``: ``TransformerConfig``
+    fields of the run (sequence parallelism, recompute: ``ParallelConfig.activation_overrides``)."""
+    kwargs = dict(calculate_per_token_loss=True, perform_initialization=initialize, **config_overrides)
     if kind == "value":
         from c2f_megatron.models.value_head import build_value_model_chunks
 
@@ -71,6 +74,7 @@ class RoleModel:
         train_steps: int = 0,
         offload: bool = False,
         initialize: bool | None = None,
+        config_overrides: dict[str, Any] | None = None,
     ) -> RoleModel:
         """``kind``'s chunks of ``model_cfg`` on ``layout`` (default megatron's global one), loaded from
         ``init_from`` when given; trained (DDP, optimizer, scheduler) when ``optim`` is given, else frozen.
@@ -83,7 +87,7 @@ class RoleModel:
         layout = layout or global_layout(name)
         try:
             init = optim is not None or (init_from is None if initialize is None else initialize)
-            chunks = build_chunks(kind, model_cfg, layout, initialize=init)
+            chunks = build_chunks(kind, model_cfg, layout, initialize=init, **(config_overrides or {}))
         except ValueError as exc:
             section = "parallel" if layout.is_global else f"{layout.name}.parallel"
             raise ValueError(f"{section} ({layout.describe()}): {exc}") from exc
@@ -109,6 +113,7 @@ class RoleModel:
         optim: OptimConfig | None = None,
         train_steps: int = 0,
         offload: bool = False,
+        config_overrides: dict[str, Any] | None = None,
     ) -> RoleModel:
         """A model whose architecture is the checkpoint's own (``runtime`` may change only
         ``RUNTIME_FIELDS``), loaded from it."""
@@ -128,6 +133,7 @@ class RoleModel:
             optim=optim,
             train_steps=train_steps,
             offload=offload,
+            config_overrides=config_overrides,
         )
 
     def freeze(self, offload: bool = False) -> None:

@@ -71,7 +71,15 @@ def model_forward(data_iterator: Any, model: torch.nn.Module, loss_func: Callabl
     from c2f_megatron.models.gpt import position_ids_for
 
     mb = next(data_iterator)
-    output = model(mb.tokens, position_ids_for(mb.tokens), mb.attention_mask())
+    tokens, mask = mb.tokens, mb.attention_mask()
+    config = model.config
+    extra = -tokens.shape[1] % config.tensor_model_parallel_size if config.sequence_parallel else 0
+    if extra:  # sequence parallelism splits the sequence over TP: pad at the end (causal: nobody sees it)
+        tokens = torch.nn.functional.pad(tokens, (0, extra))
+        mask = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=True)
+    output = model(tokens, position_ids_for(tokens), mask)
+    if extra:
+        output = output[:, : mb.tokens.shape[1]]
     return output, partial(loss_func, mb)
 
 
@@ -96,7 +104,9 @@ def forward_rows(
     layout = role.layout
     local = batch.dp_shard(layout.dp_rank, layout.dp)
     fwd = partial(model_forward, loss_func=partial(_collect, compute))
-    outputs = role.forward_only(fwd, local.split(micro_batch_size), batch.tokens.shape[1], micro_batch_size)
+    outputs = role.forward_only(
+        fwd, local.split(micro_batch_size), _seq_length(role, batch), micro_batch_size
+    )
     result: dict[str, Tensor] = {}
     for key, row_shape in shapes.items():
         value = torch.cat([o[key] for o in outputs]).float() if layout.is_last_stage else None
@@ -112,4 +122,11 @@ def train_rows(
     micro-batches, ``loss_func(micro_batch, output)`` returning the loop's ``(loss, count, metrics)``."""
     micro = batch.dp_shard(role.layout.dp_rank, role.layout.dp).split(micro_batch_size)
     fwd = partial(model_forward, loss_func=loss_func)
-    return role.train_step(fwd, micro, batch.tokens.shape[1], micro_batch_size, loss_key=loss_key)
+    return role.train_step(fwd, micro, _seq_length(role, batch), micro_batch_size, loss_key=loss_key)
+
+
+def _seq_length(role: RoleModel, batch: RowBatch) -> int:
+    """The sequence length the schedule sends between stages: ``model_forward``'s padded width."""
+    config = role.chunks[0].config
+    width = batch.tokens.shape[1]
+    return width + (-width % config.tensor_model_parallel_size if config.sequence_parallel else 0)

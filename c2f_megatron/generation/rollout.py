@@ -26,6 +26,7 @@ type) are refused.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -146,9 +147,7 @@ def _check_supported(model: torch.nn.Module) -> None:
             "generate() needs one model chunk; interleaved (virtual) pipeline models are not supported for "
             "rollout: build the actor without virtual_pipeline_model_parallel_size"
         )
-    config = get_model_config(model)
-    if config.sequence_parallel:
-        raise ValueError("generate() does not support sequence_parallel=True (megatron's static inference)")
+    get_model_config(model)  # a megatron model
     for name, module in model.named_modules():
         if name.endswith("core_attention") and "transformer_engine" in type(module).__module__:
             raise ValueError(
@@ -251,6 +250,37 @@ def generate(
     holds the same tokens, so every rank decides alike.
     """
     _check_supported(model)
+    with _without_sequence_parallel(model):
+        return _generate(model, layout, prompts, gen_cfg, true_vocab_size, row_offset, stop_when)
+
+
+@contextlib.contextmanager
+def _without_sequence_parallel(model: torch.nn.Module):
+    """Sequence parallelism off for the block: a decode step has one token, which cannot split over TP
+    (megatron's inference turns it off the same way, ``set_model_to_sequence_parallel``)."""
+    from megatron.core.utils import get_model_config
+
+    if not get_model_config(model).sequence_parallel:
+        yield
+        return
+    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+    set_model_to_sequence_parallel(model, False)
+    try:
+        yield
+    finally:
+        set_model_to_sequence_parallel(model, True)
+
+
+def _generate(
+    model: torch.nn.Module,
+    layout: RoleLayout,
+    prompts: list[list[int]],
+    gen_cfg: GenerationConfig,
+    true_vocab_size: int,
+    row_offset: int | None,
+    stop_when: Callable[[list[int]], bool] | None,
+) -> RolloutBatch:
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     drop = set(gen_cfg.suppress_ids) | set(gen_cfg.stop_ids)

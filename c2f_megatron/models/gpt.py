@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from c2f_megatron.models.config import ModelConfig, gpt_model_kwargs, to_transformer_config
-from c2f_megatron.models.specs import get_layer_spec
+from c2f_megatron.models.specs import get_block_spec
 from c2f_megatron.platform.role_layout import RoleLayout, global_layout
 
 
@@ -39,9 +39,10 @@ def build_gpt_model(
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     else:
         pre, post = layout.is_first_stage, layout.is_last_stage
+    spec = get_block_spec(model_cfg.layer_spec, config, vp_stage, layout.pp_rank)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_layer_spec(model_cfg.layer_spec),
+        transformer_layer_spec=spec,
         vocab_size=model_cfg.padded_vocab_size(tp),
         pre_process=pre,
         post_process=post,

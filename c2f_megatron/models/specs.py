@@ -183,6 +183,24 @@ def _band_blocked(sq: int, sk: int, window: tuple[int, int], device: torch.devic
     return ~inside
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with megatron's norm constructor, allowing sequence parallelism.
+
+    megatron's ``WrappedTorchNorm`` (the local spec's norm without TE or apex) refuses
+    ``sequence_parallel``. An RMSNorm needs nothing from it: it normalises each token on its own, so a
+    rank's slice of the sequence normalises alone. Its weight is then replicated over TP while each rank
+    sees other tokens, so the weight is marked ``sequence_parallel`` and megatron's
+    ``finalize_model_grads`` sums its gradient over the TP group (what TE's and apex's norms do). Same
+    parameter name (``weight``) as ``WrappedTorchNorm``: checkpoints do not change.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"c2f's local norm is RMSNorm, the config asks for {config.normalization}")
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def get_layer_spec(name: LayerSpecName):
     """The megatron ``ModuleSpec`` of one Mistral transformer layer for a spec name (``auto`` resolved)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -194,6 +212,24 @@ def get_layer_spec(name: LayerSpecName):
 
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     if resolved == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
     return spec
+
+
+def get_block_spec(name: LayerSpecName, config, vp_stage: int | None, pp_rank: int):
+    """What ``GPTModel`` takes as ``transformer_layer_spec``: TE's layer spec as it is, or for the local
+    and SDPA specs the block of this stage's layers with ``RMSNorm`` as the final norm too (megatron
+    would pick ``WrappedTorchNorm`` there, which refuses sequence parallelism)."""
+    spec = get_layer_spec(name)
+    if resolve_layer_spec(name) == "te":
+        return spec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layers = get_num_layers_to_build(config, vp_stage, pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)

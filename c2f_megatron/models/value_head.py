@@ -41,7 +41,11 @@ class ValueHead(torch.nn.Module):
         if self.sequence_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            hidden_states = gather_from_sequence_parallel_region(hidden_states)
+            # every TP rank computes the same head on the whole sequence: the backward pass takes this
+            # rank's slice of the gradient (a reduce-scatter would count it once per TP rank)
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
         # fp32 head: reward differences are small; bf16 rounding of the score hurts the ranking loss.
         values = torch.nn.functional.linear(hidden_states.float(), self.weight.float())
         return values, None

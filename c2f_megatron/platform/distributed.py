@@ -15,7 +15,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +40,42 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
     seed: int = 1234
+    # Activation memory of the trained models (megatron's options of the same names). Sequence
+    # parallelism splits the norms, dropouts and residuals over the TP ranks along the sequence (TP > 1);
+    # recompute "selective" recomputes core attention in the backward pass, "full" whole layers
+    # (``recompute_method`` uniform: groups of ``recompute_num_layers`` layers, block: the first
+    # ``recompute_num_layers`` layers of each stage).
+    sequence_parallel: bool = False
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "recompute_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and vpp < 1:
+            raise ValueError(f"virtual_pipeline_model_parallel_size must be >= 1 or null, got {vpp}")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(
+                f"recompute_granularity must be selective, full or null, got {self.recompute_granularity!r}"
+            )
+        if self.recompute_method not in ("uniform", "block"):
+            raise ValueError(f"recompute_method must be uniform or block, got {self.recompute_method!r}")
+
+    def activation_overrides(self, tp: int | None = None) -> dict[str, Any]:
+        """The ``TransformerConfig`` fields of a trained model at TP ``tp`` (default this layout's) for
+        these options; none when all are off (sequence parallelism needs TP > 1)."""
+        out: dict[str, Any] = {}
+        if self.sequence_parallel and (tp or self.tensor_model_parallel_size) > 1:
+            out["sequence_parallel"] = True
+        if self.recompute_granularity is not None:
+            out["recompute_granularity"] = self.recompute_granularity
+            if self.recompute_granularity == "full":
+                out["recompute_method"] = self.recompute_method
+                out["recompute_num_layers"] = self.recompute_num_layers
+        return out
 
 
 @dataclass(frozen=True)
@@ -109,8 +145,13 @@ def use_cuda() -> bool:
     return os.environ.get("C2F_DEVICE", "").lower() != "cpu" and torch.cuda.is_available()
 
 
+_META = False  # inside ``platform.meta.fake_rank``: models are built on the meta device
+
+
 def device() -> torch.device:
-    """The device this rank computes on."""
+    """The device this rank computes on (``meta`` while ``platform.meta.fake_rank`` plans a job)."""
+    if _META:
+        return torch.device("meta")
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
 
 

@@ -87,7 +87,8 @@ def _role(
     from ``model``."""
     optim = getattr(cfg, name).optim if trained else None
     offload = cfg.offload_frozen and not trained
-    common = dict(optim=optim, train_steps=cfg.ppo.iterations, offload=offload)
+    overrides = cfg.parallel.activation_overrides(layout.tp) if trained else None
+    common = dict(optim=optim, train_steps=cfg.ppo.iterations, offload=offload, config_overrides=overrides)
     if ckpt is None:
         return RoleModel.build(name, kind, cfg.model.resolve(), layout, **common)
     runtime = {k: v for k, v in cfg.model.overrides.items() if k in RUNTIME_FIELDS}

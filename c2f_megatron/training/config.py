@@ -135,3 +135,11 @@ class TrainerSections:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and tp > 1 and self.train.seq_length % tp:
+            raise ValueError(
+                f"train.seq_length {self.train.seq_length} must be a multiple of "
+                f"parallel.tensor_model_parallel_size {tp} with parallel.sequence_parallel"
+            )

@@ -107,6 +107,7 @@ def run(cfg: TrainerSections, task: Task, config_dump: dict[str, Any] | None = N
         init_from=init_from,
         optim=cfg.optim,
         train_steps=train_cfg.train_steps,
+        config_overrides=cfg.parallel.activation_overrides(),
     )
     metadata = role.metadata(
         task.tokenizer, {"trainer": task.name, "init_from": ckpt_cfg.init_from}, **task.extra_metadata
