@@ -20,15 +20,13 @@ EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 
 def hf_parameter_count(cfg: ModelConfig, kind: str) -> int:
-    """Parameters of the HF model, from its config: ``MistralForCausalLM`` / ``LlamaForCausalLM``, or the
-    ``...ForSequenceClassification`` of one label (the backbone and a ``[1, hidden]`` score head)."""
-    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
-    attn = h * cfg.num_attention_heads * d * 2 + 2 * h * cfg.num_query_groups * d
-    layer = attn + 3 * h * f + 2 * h
-    backbone = cfg.num_layers * layer + cfg.vocab_size * h + h
-    if kind == "value":
-        return backbone + h
-    return backbone + (cfg.vocab_size * h if cfg.untie_embeddings_and_output_weights else 0)
+    """Parameters of the HF model: ``ModelConfig.num_parameters`` (the ``...ForCausalLM`` count, pinned to
+    Mistral-7B's below), or for ``...ForSequenceClassification`` the backbone and a ``[1, hidden]`` head."""
+    lm = cfg.num_parameters()
+    if kind != "value":
+        return lm
+    lm_head = cfg.vocab_size * cfg.hidden_size if cfg.untie_embeddings_and_output_weights else 0
+    return lm - lm_head + cfg.hidden_size
 
 
 @pytest.fixture(scope="module")

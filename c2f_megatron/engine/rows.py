@@ -72,8 +72,7 @@ def model_forward(data_iterator: Any, model: torch.nn.Module, loss_func: Callabl
 
     mb = next(data_iterator)
     tokens, mask = mb.tokens, mb.attention_mask()
-    config = model.config
-    extra = -tokens.shape[1] % config.tensor_model_parallel_size if config.sequence_parallel else 0
+    extra = _sp_padding(model.config, tokens.shape[1])
     if extra:  # sequence parallelism splits the sequence over TP: pad at the end (causal: nobody sees it)
         tokens = torch.nn.functional.pad(tokens, (0, extra))
         mask = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=True)
@@ -125,8 +124,12 @@ def train_rows(
     return role.train_step(fwd, micro, _seq_length(role, batch), micro_batch_size, loss_key=loss_key)
 
 
+def _sp_padding(config: Any, width: int) -> int:
+    """Tokens ``model_forward`` appends so that sequence parallelism splits ``width`` evenly over TP."""
+    return -width % config.tensor_model_parallel_size if config.sequence_parallel else 0
+
+
 def _seq_length(role: RoleModel, batch: RowBatch) -> int:
     """The sequence length the schedule sends between stages: ``model_forward``'s padded width."""
-    config = role.chunks[0].config
     width = batch.tokens.shape[1]
-    return width + (-width % config.tensor_model_parallel_size if config.sequence_parallel else 0)
+    return width + _sp_padding(role.chunks[0].config, width)

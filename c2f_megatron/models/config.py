@@ -26,6 +26,7 @@ FAMILIES = ("mistral", "llama")
 # The parameter dtypes by name. ``DTYPES`` maps them to torch dtypes and imports torch on first use (module
 # ``__getattr__``), so that code which only needs the names (the converters' command line) stays torch-free.
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+DTYPE_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes per element
 _TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 

@@ -62,11 +62,5 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         from c2f_megatron.files import write_atomic
 
-        write_atomic(Path(args.json), json.dumps(results, indent=1, default=_plain))
+        write_atomic(Path(args.json), json.dumps(results, indent=1))
     return 0
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value)

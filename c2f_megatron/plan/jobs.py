@@ -10,7 +10,6 @@ architecture is its checkpoint's own when the checkpoint exists, else ``model.pr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,12 +97,8 @@ def _architecture(
     if path and Path(path).is_dir():
         ckpt = resolve_checkpoint(path, field=field)
         return model_section.resolve(from_checkpoint=read_metadata(ckpt).model), str(ckpt)
-    runtime = {k: v for k, v in model_section.overrides.items()}
-    if fallback is not None:
-        fixed = {
-            k: v for k, v in runtime.items() if k in ("layer_spec", "attention_dropout", "hidden_dropout")
-        }
-        return dataclasses.replace(fallback, **fixed), "the pipeline's base model"
+    if fallback is not None:  # the stage starts from the base's checkpoint: its run-time overrides apply
+        return model_section.resolve(from_checkpoint=fallback), "the pipeline's base model"
     if model_section.preset is not None:
         where = f"model.preset {model_section.preset}"
         return model_section.resolve(), where + (f" ({field} {path} does not exist yet)" if path else "")

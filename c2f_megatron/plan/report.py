@@ -14,10 +14,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from c2f_megatron.models.config import DTYPE_ITEMSIZE
 from c2f_megatron.models.specs import resolve_layer_spec
 from c2f_megatron.plan import memory
 from c2f_megatron.plan.jobs import JobPlan, RolePlan
-from c2f_megatron.plan.shards import ITEMSIZE, RoleShards, role_shards
+from c2f_megatron.plan.shards import RoleShards, role_shards
 
 ACTIVATION_CHOICES = (
     ("no recompute", None, False),
@@ -76,7 +77,7 @@ def _training_activations(
     last stage's logits (an LM head) for the micro-batch in its backward pass."""
     par = role.activations
     sp = sp and role.tp > 1
-    item = ITEMSIZE[role.model.params_dtype]
+    item = DTYPE_ITEMSIZE[role.model.params_dtype]
     worst = 0.0
     for r in shards.ranks:
         per_micro = memory.stage_activations(
@@ -95,7 +96,7 @@ def _training_activations(
 def _forward_working(role: RolePlan, shape: memory.LayerShape, batch: int, seq: int) -> float:
     """A forward without gradients keeps one layer's tensors at a time (bounded here by what a layer
     would save for its backward pass) plus the logits of the micro-batch."""
-    item = ITEMSIZE[role.model.params_dtype]
+    item = DTYPE_ITEMSIZE[role.model.params_dtype]
     one_layer = sum(memory.layer_activations(shape, seq, batch, role.tp, False, None, item).values())
     if role.kind != "gpt":
         return one_layer
@@ -141,7 +142,7 @@ def role_memory(role: RolePlan, rollout: Any = None, with_keys: bool = True) -> 
             out.activation_choices[label] = _training_activations(role, shards, shape, recompute, sp)
     out.forward_working = _forward_working(role, shape, role.micro_batch, role.seq)
     if rollout is not None and role.name == "actor":
-        item = ITEMSIZE[role.model.params_dtype]
+        item = DTYPE_ITEMSIZE[role.model.params_dtype]
         layers = max(r.layers for r in shards.ranks)
         out.kv_cache = memory.kv_cache_bytes(
             layers, role.model.num_query_groups, role.model.head_dim, role.tp, rollout.batch_per_rank,

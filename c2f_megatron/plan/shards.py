@@ -14,16 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from c2f_megatron.engine.config import OptimConfig
-from c2f_megatron.models.config import DTYPE_NAMES, ModelConfig
+from c2f_megatron.models.config import DTYPE_ITEMSIZE, ModelConfig
 
-ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
-assert set(ITEMSIZE) == set(DTYPE_NAMES)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
-STEP_BYTES = 4
-VOCAB_KEYS = (
-    "embedding.word_embeddings.weight",
-    "output_layer.weight",
-)  # torch Adam's per-parameter ``step``: a float32 scalar tensor
+STEP_BYTES = 4  # torch Adam's per-parameter ``step``: a float32 scalar tensor
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 @dataclass
@@ -36,7 +31,6 @@ class RankShards:
     layers: int  # transformer layers on this rank (all chunks)
     pre_process: bool
     post_process: bool
-    replicated: int  # of ``params``, those every TP rank holds whole (norms, a scalar head)
     weight_bytes: int  # what the parameters occupy (the DDP parameter buffer with the distributed optimizer)
     grad_bytes: int = 0  # the DDP gradient buffer
     optimizer_bytes: list[int] = field(default_factory=list)  # by data-parallel rank
@@ -80,10 +74,6 @@ class RoleShards:
             total += n
         return total
 
-    def max(self, attr: str) -> int:
-        values = [getattr(r, attr) for r in self.ranks]
-        return max(max(v) if isinstance(v, list) else v for v in values)
-
 
 def _optimizer_share(
     buffers: list[Any], dp: int, dtype: str, distributed: bool
@@ -91,7 +81,7 @@ def _optimizer_share(
     """(main-parameter elements, optimizer bytes) of each data-parallel rank over a chunk's DDP buffers."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, Range
 
-    copies = 4 if ITEMSIZE[dtype] < 4 else 0  # fp32 main parameters of 16-bit weights
+    copies = 4 if DTYPE_ITEMSIZE[dtype] < 4 else 0  # fp32 main parameters of 16-bit weights
     per_element = copies + 4 * ADAM_STATES
     elements, nbytes = [], []
     for r in range(dp if distributed else 1):
@@ -114,13 +104,6 @@ def _optimizer_share(
     if not distributed:
         elements, nbytes = elements * dp, nbytes * dp
     return elements, nbytes
-
-
-def _replicated(chunks: list[Any]) -> int:
-    """Elements of the parameters every TP rank holds whole (norms, a scalar head)."""
-    return sum(
-        p.numel() for c in chunks for p in c.parameters() if not getattr(p, "tensor_model_parallel", False)
-    )
 
 
 def _sharded_keys(chunks: list[Any], layout: Any) -> dict[str, tuple[int, ...]]:
@@ -195,7 +178,7 @@ def role_shards(
                 layout = global_layout(kind)
                 chunks = build_chunks(kind, model_cfg, layout, initialize=False, **(config_overrides or {}))
                 params = sum(p.numel() for c in chunks for p in c.parameters())
-                item = ITEMSIZE[model_cfg.params_dtype]
+                item = DTYPE_ITEMSIZE[model_cfg.params_dtype]
                 shards = RankShards(
                     tp_rank=tp_rank,
                     pp_rank=pp_rank,
@@ -203,7 +186,6 @@ def role_shards(
                     layers=sum(len(c.decoder.layers) for c in chunks),
                     pre_process=chunks[0].pre_process,
                     post_process=chunks[-1].post_process,
-                    replicated=_replicated(chunks),
                     weight_bytes=params * item,
                     spec_modules=_spec_modules(chunks[0]),
                 )
