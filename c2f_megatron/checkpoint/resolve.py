@@ -69,3 +69,21 @@ def check_tokenizer(
             f"{where}: model.vocab_size {meta.model.vocab_size} is smaller than the tokenizer's "
             f"{info['vocab_size']} ids"
         )
+
+
+def checkpoint_or_converted(
+    path: str | Path, role: str | None, converted_root: Path, tp: int, pp: int
+) -> Path:
+    """``resolve_checkpoint(path, role)``, or for a Hugging Face directory its c2f conversion, made once under
+    ``converted_root/<directory name>`` (call on every rank: the converter splits the work over them)."""
+    from c2f_megatron.checkpoint.hf_dir import is_hf_directory
+
+    p = Path(path)
+    if p.is_dir() and is_hf_directory(p):
+        from c2f_megatron.checkpoint.convert import convert_hf_to_megatron
+
+        out = converted_root / p.resolve().name
+        if not (out / METADATA_FILE).is_file():
+            convert_hf_to_megatron(p, out, tp=tp, pp=pp, force=out.exists())
+        return out
+    return resolve_checkpoint(p, role)

@@ -27,7 +27,7 @@ type) are refused.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +59,9 @@ class GenerationConfig:
     stop_ids: list[int] = field(default_factory=list)
     pad_id: int = 0
     seed: int = 0
+    # None: no report; k >= 0: ``on_step`` also gets each sampled token's log-prob under the model's own
+    # distribution (before temperature and filters) and the k most likely ids with theirs (OpenAI logprobs)
+    top_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +73,8 @@ class GenerationConfig:
             problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_logprobs is not None and self.top_logprobs < 0:
+            problems.append(f"top_logprobs must be >= 0 or None, got {self.top_logprobs}")
         both = sorted(set(self.suppress_ids) & set(self.stop_ids))
         if both:
             problems.append(f"ids {both} are both suppressed and stop ids: a suppressed id can never stop")
@@ -214,10 +219,20 @@ def _padded_vocab_size(model: torch.nn.Module) -> int:
 
 
 def _sampling_generator(
-    seed: int, device: torch.device, rows: int, row_offset: int | None, dp_rank: int
+    seed: int,
+    device: torch.device,
+    rows: int,
+    row_offset: int | None,
+    dp_rank: int,
+    row_seeds: list[int] | None = None,
 ) -> torch.Generator | list[torch.Generator]:
     """One generator seeded with ``seed + DP rank`` or, given ``row_offset``, one per row seeded by the
-    row's index in the whole batch (draws then do not depend on how the batch is split over DP ranks)."""
+    row's index in the whole batch (draws then do not depend on how the batch is split over DP ranks), or
+    one per row seeded with ``row_seeds`` (a request's own seed, whatever batch it shares)."""
+    if row_seeds is not None:
+        if len(row_seeds) != rows:
+            raise ValueError(f"{len(row_seeds)} row seeds for {rows} prompts")
+        return [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
     if row_offset is not None:
         return [
             torch.Generator(device=device).manual_seed((seed << 20) + row_offset + i) for i in range(rows)
@@ -229,6 +244,24 @@ def _sampling_generator(
 STOP_WINDOW = 16
 
 
+@dataclass
+class StepTokens:
+    """What ``generate``'s ``on_step`` sees after each step, the same on every rank.
+
+    ``tokens[i]`` is row i's new id (``pad_id`` once the row is done) and ``active[i]`` whether the row
+    produced it. With ``GenerationConfig.top_logprobs`` set, ``logprobs[i]`` is that id's log-prob under
+    the model's own distribution (before temperature and filters) and ``top_ids[i]`` / ``top_logprobs[i]``
+    the ``top_logprobs`` most likely ids and theirs; otherwise they are None.
+    """
+
+    step: int
+    tokens: list[int]
+    active: list[bool]
+    logprobs: list[float] | None = None
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -238,6 +271,8 @@ def generate(
     true_vocab_size: int,
     row_offset: int | None = None,
     stop_when: Callable[[list[int]], bool] | None = None,
+    on_step: Callable[[StepTokens], Iterable[int]] | None = None,
+    row_seeds: list[int] | None = None,
 ) -> RolloutBatch:
     """Sample up to ``gen_cfg.max_new_tokens`` tokens for each prompt with a KV cache; call on every rank
     of ``layout``'s TP/PP group (the groups ``model`` was built on) with the same prompts. The model's
@@ -248,10 +283,16 @@ def generate(
     ``stop_when(ids)``: called after each step with an unfinished row's latest response ids (at most
     ``STOP_WINDOW``); True ends that row there, as a stop id would (evaluation's stop strings). Every rank
     holds the same tokens, so every rank decides alike.
+    ``on_step(StepTokens)``: called after each step on every rank (a server streams from it on rank 0);
+    it returns the rows to end there (a request's own token limit or stop string), which must depend on
+    the tokens only, so that every rank returns the same. ``row_seeds``: one generator per row with that
+    seed (instead of ``gen_cfg.seed``), so a request's draws do not depend on the rows beside it.
     """
     _check_supported(model)
     with _without_sequence_parallel(model):
-        return _generate(model, layout, prompts, gen_cfg, true_vocab_size, row_offset, stop_when)
+        return _generate(
+            model, layout, prompts, gen_cfg, true_vocab_size, row_offset, stop_when, on_step, row_seeds
+        )
 
 
 @contextlib.contextmanager
@@ -280,6 +321,8 @@ def _generate(
     true_vocab_size: int,
     row_offset: int | None,
     stop_when: Callable[[list[int]], bool] | None,
+    on_step: Callable[[StepTokens], Iterable[int]] | None,
+    row_seeds: list[int] | None,
 ) -> RolloutBatch:
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
@@ -309,7 +352,9 @@ def _generate(
 
     was_training = model.training
     wrapper = _make_wrapper(model, layout, b, total, _padded_vocab_size(model))
-    generator = _sampling_generator(gen_cfg.seed, device, b, row_offset, layout.dp_rank)
+    generator = _sampling_generator(gen_cfg.seed, device, b, row_offset, layout.dp_rank, row_seeds)
+    k_top = gen_cfg.top_logprobs
+    message_rows = 2 if k_top is None else 3 + 2 * k_top
     last_stage = layout.is_last_stage
 
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -338,8 +383,13 @@ def _generate(
                 )
                 next_tokens, next_logprobs = sample_tokens(processed, gen_cfg.greedy, generator)
                 # one float64 message per step: token ids (< 2**53, exact) and their log-probs
-                sampled = torch.stack([next_tokens.double(), next_logprobs.double()])
-            sampled = share_from_last_stage(sampled, [2, b], torch.float64, layout, over_tp=True)
+                parts = [next_tokens.double()[None], next_logprobs.double()[None]]
+                if k_top is not None:
+                    raw = torch.log_softmax(logits[:, -1, :true_vocab_size].double(), dim=-1)
+                    top = raw.topk(k_top, dim=-1)
+                    parts += [raw.gather(-1, next_tokens[:, None]).T, top.indices.double().T, top.values.T]
+                sampled = torch.cat(parts)
+            sampled = share_from_last_stage(sampled, [message_rows, b], torch.float64, layout, over_tp=True)
             next_tokens, next_logprobs = sampled[0].long(), sampled[1].float()
 
             active = ~done
@@ -352,6 +402,14 @@ def _generate(
                 for i in (~done).nonzero().flatten().tolist():
                     if stop_when(recent[i]):
                         done[i] = True
+            if on_step is not None:
+                report = StepTokens(step, tokens[:, end].tolist(), active.tolist())
+                if k_top is not None:
+                    report.logprobs = sampled[2].tolist()
+                    report.top_ids = sampled[3 : 3 + k_top].T.long().tolist()
+                    report.top_logprobs = sampled[3 + k_top :].T.tolist()
+                for i in on_step(report):
+                    done[i] = True
             if step == 0:
                 wrapper.inference_context.enable_decode_mode()
             start, end = end, end + 1
