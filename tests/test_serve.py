@@ -413,3 +413,30 @@ def test_smollm2_from_hf_dir_chat_equals_our_generation(smollm2_hf: Path, tmp_pa
         assert answers[i].message.content == tok.decode([t for t in ids if t != tok.eos_id])
     assert streamed == answers[0].message.content
     assert "Paris" in answers[0].message.content
+
+
+def test_tensor_parallel_server_equals_our_generation(tiny: Path, reference):
+    """Two ranks under torchrun (TP2): rank 0 serves, rank 1 follows its batches; same greedy ids."""
+    proc = ServerProcess(
+        ["--checkpoint", str(tiny), "--model-name", "tiny", "--tensor-parallel-size", "2"],
+        nproc=2,
+        env=worker_env(1),
+    ).start()
+    try:
+        c = openai.OpenAI(base_url=proc.url, api_key="none", max_retries=0, timeout=120)
+        got = {}
+
+        def ask(i: int) -> None:
+            got[i] = c.completions.create(
+                model="tiny", prompt=PROMPTS[i], temperature=0, max_tokens=MAX_NEW, extra_body={"return_token_ids": True}
+            ).choices[0].model_extra["token_ids"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [got.get(i) for i in range(4)] == reference[:4]
+    finally:
+        code = proc.stop(60)
+    assert code == 0, proc.output()[-3000:]

@@ -101,8 +101,8 @@ def test_sequence_parallel_and_recompute_leave_training_unchanged(
             "parallel.recompute_num_layers=1",
         ],
     }
-    if command == "train-rm":  # the block method is the LM's case; the RM checks the scalar head under SP
-        del variants["full block"]
+    if command == "train-rm":  # recompute is the LM's case; the RM checks the scalar head under SP
+        del variants["full block"], variants["sp+full"]
     results = {}
     for name, extra in variants.items():
         run_dir = tmp_path / name.replace(" ", "_").replace("+", "_")

@@ -144,7 +144,7 @@ def _run_args(args: argparse.Namespace) -> int:
     print(
         f"c2f serve: {server.model_name} at {server.url} (TP{tp} PP{pp}, {lm.max_length} positions, "
         f"batches of up to {args.max_batch_size}, chat format {chat.fmt.value}"
-        f"{', API key required' if server.api_key else ''})",
+        f"{', API key required' if server.api_key else ''}, pid {os.getpid()})",
         flush=True,
     )
     try:

@@ -14,6 +14,8 @@ An idle rank 0 sends a no-op batch every ``HEARTBEAT_S`` so that the others' col
 
 from __future__ import annotations
 
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -151,5 +153,5 @@ def follow_rank_zero(lm: Any) -> None:
             continue
         try:
             run_batch(lm, spec)
-        except ValueError:  # the same refusal rank 0 reports to its clients
-            continue
+        except Exception:  # rank 0 fails the same batch and goes on serving: so do we
+            traceback.print_exc(file=sys.stderr)

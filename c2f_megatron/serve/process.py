@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-_READY = re.compile(r"^c2f serve: \S+ at (http://\S+/v1) ")
+_READY = re.compile(r"^c2f serve: \S+ at (http://\S+/v1) .*pid (\d+)\)$")
 
 
 class ServerProcess:
@@ -40,6 +40,7 @@ class ServerProcess:
         self.log = log
         self.start_timeout_s = start_timeout_s
         self.url = ""
+        self.pid = 0  # the serving process: rank 0 under torchrun
         self.proc: subprocess.Popen[str] | None = None
         self._lines: list[str] = []
         self._ready = threading.Event()
@@ -75,7 +76,7 @@ class ServerProcess:
                 sink.flush()
             match = _READY.match(line)
             if match and not self._ready.is_set():
-                self.url = match.group(1)
+                self.url, self.pid = match.group(1), int(match.group(2))
                 self._ready.set()
         if sink:
             sink.close()
@@ -100,12 +101,12 @@ class ServerProcess:
         return self
 
     def stop(self, timeout_s: float = 120.0) -> int:
-        """SIGTERM (the running batch finishes first); the exit code, or SIGKILL after ``timeout_s``."""
+        """SIGTERM to the serving rank (it finishes the running batch, then releases the other ranks, and
+        torchrun exits with them); the exit code, or SIGKILL after ``timeout_s``."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
-            target = self.proc.pid if self.nproc == 1 else -self.proc.pid
-            (os.kill if target > 0 else os.killpg)(abs(target), signal.SIGTERM)
+            os.kill(self.pid or self.proc.pid, signal.SIGTERM)
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

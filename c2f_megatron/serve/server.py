@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import hmac
 import json
 import queue
@@ -74,7 +75,7 @@ class Job:
 
     @property
     def key(self) -> tuple[Any, ...]:
-        return (*self.request.sampling.batch_key(), self.request.sampling.top_logprobs is not None)
+        return self.request.sampling.batch_key()
 
     def fail(self, error: api.APIError) -> None:
         for i in range(len(self.rows)):
@@ -199,7 +200,9 @@ class Server:
                 return []
             if not self._queue:
                 return []
-        if self.batch_wait_s > 0:
+        with self._lock:
+            queued = sum(len(j.rows) for j in self._queue)
+        if self.batch_wait_s > 0 and queued < self.max_batch_size:
             time.sleep(self.batch_wait_s)  # let concurrent clients' requests arrive
         with self._lock:
             first = self._queue.popleft()
@@ -409,6 +412,15 @@ def stream(server: Server, job: Job, write: Any) -> None:
 # ---------------------------------------------------------------------------------------------- HTTP
 
 
+@contextlib.contextmanager
+def _client_may_leave():
+    """A client that hangs up early loses its answer; its rows finish with their batch and are dropped."""
+    try:
+        yield
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -438,7 +450,7 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             self._error(api.APIError(401, "Incorrect API key provided", code="invalid_api_key"))
             return False
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def _get(self) -> None:
             path = self.path.split("?", 1)[0].rstrip("/")
             if path == "/health":
                 self._send_json(200, {"status": "ok"})
@@ -457,7 +469,15 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(api.APIError(404, f"no route {path}", code="not_found"))
 
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            with _client_may_leave():
+                self._get()
+
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            with _client_may_leave():
+                self._post()
+
+        def _post(self) -> None:
             path = self.path.split("?", 1)[0].rstrip("/")
             kind = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}.get(path)
             try:
@@ -501,9 +521,6 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(data)
                 self.wfile.flush()
 
-            try:
-                stream(server, job, write)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client left; its rows finish with the batch and are dropped
+            stream(server, job, write)
 
     return Handler
