@@ -34,15 +34,33 @@ def test_backend_consistency_pipeline_parallel(ckpts):
     )
 
 
+def _judge_reply(body: dict) -> str:
+    """Scripted judgments: MT-Bench grades are 6, pairwise games say "[[A]]" (so a game and its swap never
+    agree: a tie), rubric judgments fail conciseness and are garbled when the request's length is a
+    multiple of 3 (counted as errors)."""
+    from c2f_megatron.eval.rubric import CRITERIA, SYSTEM_PROMPT
+
+    system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+    if system == SYSTEM_PROMPT:
+        if len(user) % 3 == 0:
+            return "Looks fine to me. [[PASS]]"
+        return "\n".join(
+            f"{c.capitalize()}: [[{'FAIL' if c == 'conciseness' else 'PASS'}]]" for c in CRITERIA
+        )
+    if "[[A]]" in system:
+        return "Assistant A is better. [[A]]"
+    return "Fine. Rating: [[6]]"
+
+
 class _Judge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint that rates every answer 6."""
+    """An OpenAI-compatible chat endpoint answering with ``_judge_reply``."""
 
     requests: list[dict] = []
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Judge.requests.append(body)
-        payload = json.dumps({"choices": [{"message": {"content": "Fine. Rating: [[6]]"}}]}).encode()
+        payload = json.dumps({"choices": [{"message": {"content": _judge_reply(body)}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -78,8 +96,11 @@ def test_eval_cli_table(ckpts, shared_data, tmp_path):
         "benchmarks.names=[arc_easy]",
         "benchmarks.limit=4",
         f"benchmarks.data_dir={shared_data}",
-        f"mt_bench.base_url=http://127.0.0.1:{server.server_port}/v1",
-        "mt_bench.model=judge-x",
+        f"judge.base_url=http://127.0.0.1:{server.server_port}/v1",
+        "judge.model=judge-x",
+        "judge.note='a stub judge, not a strong external one'",
+        "rubric.limit=3",
+        "rubric.weights={safety: 2}",
         "mt_bench.limit=1",
         "mt_bench.max_new_tokens=4",
         f"mt_bench.questions={shared_data}/mt_bench/question.jsonl",
@@ -108,7 +129,27 @@ def test_eval_cli_table(ckpts, shared_data, tmp_path):
     assert 0 < row["distinct_1"] <= 1 and row["perplexity"] > 1
     assert row["arc_easy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert row["mt_bench"] == 6.0
-    assert len(_Judge.requests) == 2 and {r["model"] for r in _Judge.requests} == {"judge-x"}
+    assert row["mt_bench_win_rate"] == 0.5  # inconsistent games are ties
+    # 2 grades (1 question x 2 turns), 4 pairwise games (2 turns x 2 orders), 3 rubric items x 2 models
+    assert len(_Judge.requests) == 12 and {r["model"] for r in _Judge.requests} == {"judge-x"}
+    assert {r["max_tokens"] for r in _Judge.requests} == {1024} and {
+        r["temperature"] for r in _Judge.requests
+    } == {0}
+    mt = json.loads((out / "mt_bench.json").read_text())
+    assert mt["judge"]["note"] == "a stub judge, not a strong external one"
+    assert mt["pairwise"]["baseline"] == "lm" and mt["pairwise"]["results"]["overall"]["ties"] == 2
+    assert set(mt["questions"]) == set(mt["answers"]) and len(mt["answers"]) == 1
+    rubric = json.loads((out / "rubric.json").read_text())
+    assert [m["role"] for m in rubric["models"]] == ["model", "baseline"]
+    assert rubric["weights"]["safety"] == 2.0 and "equal by default" in rubric["weights_note"]
+    model = rubric["models"][0]
+    garbled = sum(j["verdicts"] is None for j in model["judgments"])
+    assert model["n_items"] == 3 and model["n_errors"] == garbled
+    assert row["rubric/conciseness"] == 0.0 and row["rubric/clarity"] == pytest.approx((3 - garbled) / 3)
+    assert row["rubric_score"] == pytest.approx((3 - garbled) / 3 * 8 / 9)
+    assert model["pass_rate"] == rubric["models"][1]["pass_rate"]  # same greedy model on both sides
+    for png in ("mt_bench_by_category.png", "mt_bench_pairwise.png", "rubric.png"):
+        assert (out / png).stat().st_size > 1000, png
     responses = json.loads((out / "responses.json").read_text())
     assert len(responses["prompts"]) == 5 and len(responses["rewards"]) == 5
     assert row["reward_mean"] == pytest.approx(sum(responses["rewards"]) / 5)

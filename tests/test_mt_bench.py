@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -301,17 +302,78 @@ def test_missing_reference_is_an_error(mt):
 
 def test_generate_answers_passes_the_conversation(mt):
     questions, _, _ = mt
-    seen = []
+    seen: list[list[list[dict]]] = []
 
-    def respond(messages: list[dict]) -> str:
-        seen.append(messages)
-        return f"reply{len(messages)}"
+    def respond(chats: list[list[dict]]) -> list[str]:
+        seen.append(chats)
+        return [f"reply{len(c)}" for c in chats]
 
-    out = generate_answers(questions[:1], respond)
+    out = generate_answers(questions[:2], respond)
     q = questions[0]
-    assert out == {q.question_id: ("reply1", "reply3")}
-    assert seen[1] == [
+    assert out[q.question_id] == ("reply1", "reply3") and len(out) == 2
+    assert [len(batch) for batch in seen] == [2, 2]  # one call for every turn 1, one for every turn 2
+    assert seen[1][0] == [
         {"role": "user", "content": q.turns[0]},
         {"role": "assistant", "content": "reply1"},
         {"role": "user", "content": q.turns[1]},
     ]
+
+
+class _ScriptedLM:
+    """A TokenLM stand-in: each reply spells the prompt's length and last id (so a turn-2 reply depends on
+    the first answer), and the calls record how prompts were batched."""
+
+    def __init__(self):
+        from c2f_megatron.data import load_tokenizer
+
+        self.tokenizer = load_tokenizer()
+        self.calls: list[int] = []
+
+    def generate_ids(self, prompts, max_new_tokens, sampling=None, stop=()):
+        self.calls.append(len(prompts))
+        out = []
+        for ids in prompts:
+            text = f" answer {len(ids)} {ids[-1]}\n\nHuman: cut here"
+            out.append(self.tokenizer.encode(text)[:max_new_tokens] + [self.tokenizer.eos_id])
+        return out
+
+    def decode_response(self, ids):
+        return self.tokenizer.decode([t for t in ids if t != self.tokenizer.eos_id])
+
+
+def test_batched_answers_equal_one_chat_at_a_time(mt):
+    from c2f_megatron.data import ChatFormat
+    from c2f_megatron.eval.mt_bench import model_responder
+
+    questions = mt[0][:5]
+    model = _ScriptedLM()
+    respond = model_responder(model, ChatFormat("hh", model.tokenizer), 32)
+    batched = generate_answers(questions, respond)
+    assert model.calls == [5, 5]
+
+    one_at_a_time = {}  # the old path: one generate call per answer, turn 2 right after turn 1
+    for q in questions:
+        chat = [{"role": "user", "content": q.turns[0]}]
+        (first,) = respond([chat])
+        chat += [{"role": "assistant", "content": first}, {"role": "user", "content": q.turns[1]}]
+        (second,) = respond([chat])
+        one_at_a_time[q.question_id] = (first, second)
+    assert batched == one_at_a_time
+    assert all(a.startswith("answer") and "Human:" not in a for pair in batched.values() for a in pair)
+    assert len({pair[1] for pair in batched.values()}) == 5
+
+
+def test_answers_round_trip_and_refuse_other_questions(mt, tmp_path):
+    from c2f_megatron.eval.mt_bench import answers_to_json, load_answers
+
+    questions = mt[0][:3]
+    answers = _answers(questions, "base")
+    path = tmp_path / "mt_bench.json"
+    path.write_text(json.dumps({"model": "base", **answers_to_json(questions, answers)}))
+    assert load_answers(path, questions) == answers
+    with pytest.raises(MTBenchDataError, match=f"^{re.escape(str(path))}: field 'questions' differs") as err:
+        load_answers(path, mt[0][:4])
+    assert "\n" not in str(err.value)
+    path.write_text(json.dumps({"model": "base", "answers": {}}))
+    with pytest.raises(MTBenchDataError, match="field 'questions'"):
+        load_answers(path, questions)

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,113 @@ def test_nano_smoke_end_to_end_with_crash_and_resume(tmp_path, shared_data):
     assert (run / "coarse" / "ppo_curves.png").stat().st_size > 1000
     assert "iteration 2:" in (run / "coarse" / "summary.md").read_text()  # the last iteration's sample
     assert re.search(r"^    iter 2/2 \| ", good.stdout, re.M)  # a stage's progress lines reach the console
+
+
+class _ScriptedJudge:
+    """Judge stand-in: MT-Bench grade 5, a pairwise game won by the answer of the longer row name (names
+    are in the answers as ``<<name>>``), rubric passes everything but conciseness for merged rows."""
+
+    def __init__(self):
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def complete(self, messages: list[dict]) -> str:
+        from c2f_megatron.eval.rubric import CRITERIA, SYSTEM_PROMPT
+
+        with self.lock:
+            self.calls += 1
+        system, user = messages[0]["content"], messages[1]["content"]
+        if system == SYSTEM_PROMPT:
+            fail = "gamma" in user.rsplit("[The Start of the Assistant's Answer]", 1)[1]
+            return "\n".join(
+                f"{c}: [[{'FAIL' if fail and c == 'conciseness' else 'PASS'}]]" for c in CRITERIA
+            )
+        if "[[A]]" in system:
+            names = re.findall(r"<<(.+?)>>", user)
+            a, b = len(names[0]), len(names[-1])
+            return "[[A]]" if a > b else "[[B]]" if b > a else "[[C]]"
+        return "Rating: [[5]]"
+
+
+class JudgedFakeRunner(FakeRunner):
+    """``FakeRunner`` whose evals also write ``mt_bench.json`` / ``rubric.json`` through ``c2f eval``'s own
+    judging functions, with scripted answers and a scripted judge."""
+
+    def __init__(self):
+        super().__init__()
+        self.judge = _ScriptedJudge()
+
+    def __call__(self, args: list[str], nproc: int, log: Path) -> None:
+        super().__call__(args, nproc, log)
+        if args[0] != "eval":
+            return
+        from c2f_megatron.config import from_dict
+        from c2f_megatron.eval import mt_bench as mtb
+        from c2f_megatron.eval.config import EvalConfig
+        from c2f_megatron.eval.judged import mt_bench_doc, reusable_rubric, rubric_doc
+
+        job = self.calls[-1][1]
+        cfg = from_dict(EvalConfig, job)
+        out, name = Path(cfg.out_dir), cfg.name
+        questions = mtb.load_questions(cfg.mt_bench.questions)[: cfg.mt_bench.limit]
+        answers = {q.question_id: (f"<<{name}>> 1", f"<<{name}>> 2") for q in questions}
+        doc = json.loads((out / "responses.json").read_text())
+        sides = [(name, "model", doc["prompts"], doc["responses"], None)]
+        baseline = None
+        if cfg.baseline:
+            base = Path(cfg.baseline)
+            base_mt = json.loads((base / "mt_bench.json").read_text())
+            baseline = (base_mt["model"], mtb.load_answers(base / "mt_bench.json", questions), base_mt)
+            base_doc = json.loads((base / "responses.json").read_text())
+            reuse = reusable_rubric(base, cfg)
+            sides.append((base_mt["model"], "baseline", base_doc["prompts"], base_doc["responses"], reuse))
+        judge = self.judge
+        mt_doc = mt_bench_doc(cfg, judge, name, questions, answers, baseline)
+        (out / "mt_bench.json").write_text(json.dumps(mt_doc))
+        (out / "rubric.json").write_text(json.dumps(rubric_doc(cfg, judge, sides)))
+
+
+def test_report_gathers_judged_evaluations(tmp_path, shared_data):
+    """Each row's mt_bench.json / rubric.json become report/mt_bench.* and report/rubric.* with charts,
+    naming the judge and the caller's caveat; the pairwise games are against the partner."""
+    from c2f_megatron.pipeline.report import run_summary
+
+    mt = shared_data / "mt_bench"
+    judge = [
+        "eval.job.judge.base_url=http://judge.invalid/v1",
+        "eval.job.judge.model=tiny-judge",
+        "eval.job.judge.note='tiny-judge is a small local model, far weaker than GPT-4'",
+        f"eval.job.mt_bench.questions={mt}/question.jsonl",
+        f"eval.job.mt_bench.judge_prompts={mt}/judge_prompts.jsonl",
+        f"eval.job.mt_bench.reference_answers={mt}/reference_answer/gpt-4.jsonl",
+        "eval.job.mt_bench.limit=3",
+    ]
+    runner = JudgedFakeRunner()
+    pipeline = Pipeline(_config(tmp_path, shared_data, judge), runner=runner)
+    report = pipeline.run()
+    # 4 rows x (2 grades x 3 questions + 3 rubric items) + 3 rows x 6 pairs x 2 orders; the partner's
+    # responses are judged once: the other rows reuse its rubric.json
+    assert runner.judge.calls == 4 * (6 + 3) + 3 * 12
+    mt_rows = json.loads((report / "mt_bench.json").read_text())["rows"]
+    names = [r["model"] for r in json.loads((report / "table.json").read_text())["rows"]]
+    assert [r["model"] for r in mt_rows] == names and names[0] == pipeline.partner
+    assert {r["overall"] for r in mt_rows} == {5.0} and {r["judge"] for r in mt_rows} == {"tiny-judge"}
+    assert "win_rate" not in mt_rows[0]  # the partner plays no games against itself
+    by_name = {r["model"]: r for r in mt_rows}
+    assert by_name["coarse"]["win_rate"] == 1.0  # "coarse" is longer than "sft": wins every game
+    assert by_name["gamma_0.30"]["wins"] == 6 and by_name["gamma_0.30"]["baseline"] == "sft"
+    rubric_rows = json.loads((report / "rubric.json").read_text())["rows"]
+    assert [r["model"] for r in rubric_rows] == names and {r["role"] for r in rubric_rows} == {"model"}
+    rubric = {r["model"]: r for r in rubric_rows}
+    assert rubric["sft"]["score"] == 1.0 and rubric["gamma_0.30"]["conciseness"] == 0.0
+    assert rubric["gamma_0.30"]["score"] == pytest.approx(7 / 8)
+    row_doc = json.loads((tmp_path / "run" / "eval" / "gamma_0.30" / "rubric.json").read_text())
+    assert [(m["role"], m["reused"]) for m in row_doc["models"]] == [("model", False), ("baseline", True)]
+    text = (report / "summary.md").read_text()
+    assert "## Judged evaluations" in text and "`tiny-judge`" in text and "far weaker than GPT-4" in text
+    assert "equal by default" in text
+    assert "far weaker than GPT-4" in (report / "mt_bench.md").read_text()
+    for png in ("mt_bench_by_category.png", "mt_bench_pairwise.png", "rubric.png"):
+        assert (report / png).stat().st_size > 1000 and f"({png})" in text
+    outputs = run_summary(pipeline, 1.0, report).outputs
+    assert outputs["mt_bench table"] == str(report / "mt_bench.md") and "rubric table" in outputs

@@ -440,3 +440,14 @@ def test_tensor_parallel_server_equals_our_generation(tiny: Path, reference):
     finally:
         code = proc.stop(60)
     assert code == 0, proc.output()[-3000:]
+
+
+def test_bad_arguments_are_one_line(tmp_path: Path):
+    from tests.launch import refusal, run_c2f
+
+    assert "not found" in refusal(run_c2f("serve", "--checkpoint", tmp_path / "nothing"), "serve")
+    assert "--max-batch-size must be >= 1" in refusal(
+        run_c2f("serve", "--checkpoint", tmp_path, "--max-batch-size", "0"), "serve"
+    )
+    line = refusal(run_c2f("serve", "--checkpoint", tmp_path), "serve")
+    assert str(tmp_path) in line and "c2f_checkpoint.json" in line

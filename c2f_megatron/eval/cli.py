@@ -2,8 +2,10 @@
 
 Evaluates one model and writes one table (``<out_dir>/<report_name>.{md,csv,json}``, one row) with the
 model, checkpoint, seed and resolved config recorded, plus ``responses.json`` (the generated responses and
-their rewards, reusable as another run's ``baseline``) and, when run, ``benchmarks.*`` and
-``mt_bench.json``. The report's JSON is written last, so its presence means the run finished.
+their rewards, reusable as another run's ``baseline``) and, when run, ``benchmarks.*``, the judged
+evaluations ``mt_bench.json`` (single grades; pairwise games against ``baseline``) and ``rubric.json``
+(ICE-GRT's 8 criteria on the held-out responses), with their PNG charts. The report's JSON is written
+last, so its presence means the run finished.
 
 Launch one process per model-parallel rank (``torchrun --nproc_per_node=TP*PP -m c2f_megatron.cli eval``);
 every rank runs the models, rank 0 writes. Exit codes: 0 done, 2 bad config or input.
@@ -182,14 +184,15 @@ def _generate(model: Any, held: HeldOut, cfg: EvalConfig) -> list[list[int]]:
 
 
 def _load_baseline_responses(path: Path, held: HeldOut, rm: Path | None) -> dict[str, Any]:
-    """Scored responses of an earlier eval run; refuses different prompts or a different reward model."""
+    """Responses of an earlier eval run; refuses different prompts, or (when this run scores with a reward
+    model) responses scored by another one."""
     doc = json.loads((path / RESPONSES_FILE).read_text())
     if doc.get("prompts") != held.prompt_texts:
         raise ConfigError(
             f"{path / RESPONSES_FILE}: field 'prompts' differs from this run's held-out prompts; evaluate the "
             "baseline with the same responses.hh / num_prompts settings"
         )
-    if doc.get("rm") != (str(rm) if rm else None) or doc.get("rewards") is None:
+    if rm is not None and (doc.get("rm") != str(rm) or doc.get("rewards") is None):
         raise ConfigError(
             f"{path / RESPONSES_FILE}: field 'rm' is {doc.get('rm')!r}, this run scores with {rm}; "
             "win rates need both sides scored by the same reward model"
@@ -197,63 +200,52 @@ def _load_baseline_responses(path: Path, held: HeldOut, rm: Path | None) -> dict
     return doc
 
 
-def _mt_bench(model: Any, cfg: EvalConfig, out_dir: Path, rank_zero: bool) -> float | None:
-    """Answers on every rank (the model is sharded), judging on rank 0; the overall 1-10 score."""
+def _is_eval_dir(path: Path) -> bool:
+    """An earlier ``c2f eval`` output directory (reused as the baseline), not a checkpoint."""
+    from c2f_megatron.eval.judged import MT_BENCH_FILE
+
+    return (path / RESPONSES_FILE).is_file() or (path / MT_BENCH_FILE).is_file()
+
+
+def _mt_bench_questions(cfg: EvalConfig) -> list[Any] | None:
+    """The MT-Bench questions to answer, or None when MT-Bench is off (disabled or no judge configured)."""
+    from c2f_megatron.eval import mt_bench as mt
+
+    if not cfg.mt_bench.enabled or cfg.judge.resolved_base_url() is None:
+        return None
+    return mt.load_questions(cfg.mt_bench.questions)[: cfg.mt_bench.limit]
+
+
+def _mt_bench_answers(model: Any, cfg: EvalConfig, questions: list[Any]) -> dict[int, tuple[str, str]]:
+    """Two-turn answers on every rank (the model is sharded): all turn-1 prompts in one batch, then turn 2."""
     from c2f_megatron.data import ChatFormat
     from c2f_megatron.eval import mt_bench as mt
-    from c2f_megatron.eval.judge_client import JudgeClientConfig, OpenAIChatClient
-    from c2f_megatron.eval.protocol import truncate_at_stop
-    from c2f_megatron.files import write_atomic
 
-    mc = cfg.mt_bench
-    base_url = mc.resolved_base_url()
-    if base_url is None:
-        return None
-    questions = mt.load_questions(mc.questions)[: mc.limit]
     chat = ChatFormat(cfg.responses.hh.prompt_format, model.tokenizer)
+    return mt.generate_answers(questions, mt.model_responder(model, chat, cfg.mt_bench.max_new_tokens))
 
-    def respond(messages: list[dict[str, str]]) -> str:
-        turns = [("user" if m["role"] == "user" else "assistant", m["content"]) for m in messages]
-        ids = chat.encode_prompt(chat.render(turns))
-        text = model.decode_response(model.generate_ids([ids], mc.max_new_tokens)[0])
-        return truncate_at_stop(text, chat.stop_strings).strip()
 
-    answers = mt.generate_answers(questions, respond)
-    if not rank_zero:
-        return None
-    client = OpenAIChatClient(
-        JudgeClientConfig(base_url=base_url, model=mc.resolved_model(), api_key_env=mc.api_key_env)
-    )
-    judgments = mt.judge_single(
-        questions,
-        answers,
-        client,
-        mt.load_judge_prompts(mc.judge_prompts),
-        mt.load_reference_answers(mc.reference_answers),
-        max_workers=mc.max_workers,
-    )
-    scores = mt.aggregate_single(judgments)
-    doc = {
-        "judge": {"base_url": base_url, "model": mc.resolved_model()},
-        "overall": scores.overall,
-        "per_turn": scores.per_turn,
-        "per_category": scores.per_category,
-        "n_scored": scores.n_scored,
-        "n_errors": scores.n_errors,
-        "answers": {str(k): list(v) for k, v in answers.items()},
-        "judgments": [j.__dict__ for j in judgments],
-    }
-    write_atomic(out_dir / "mt_bench.json", json.dumps(doc, indent=2, default=str) + "\n")
-    return scores.overall
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode([t for t in ids if t != tokenizer.eos_id])
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Run every configured evaluation (all ranks); rank 0 writes the outputs. Returns the table row."""
     started = time.time()
     from c2f_megatron.data import load_tokenizer
+    from c2f_megatron.eval import mt_bench as mt
     from c2f_megatron.eval import response_metrics as rm_metrics
     from c2f_megatron.eval.benchmarks import evaluate_benchmark
     from c2f_megatron.eval.hf_model import HFLanguageModel
+    from c2f_megatron.eval.judge_client import OpenAIChatClient
+    from c2f_megatron.eval.judged import (
+        MT_BENCH_FILE,
+        RUBRIC_FILE,
+        mt_bench_doc,
+        plot_judged,
+        reusable_rubric,
+        rubric_doc,
+    )
     from c2f_megatron.eval.lm import TokenLM
     from c2f_megatron.eval.megatron_model import MegatronLM, RewardScorer
     from c2f_megatron.eval.report import RunMetadata, benchmark_rows, write_report
@@ -309,21 +301,43 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                     max_new_tokens=cfg.benchmarks.max_new_tokens,
                 )
             )
-    with timed("mt_bench"):
-        mt_score = _mt_bench(policy, cfg, out_dir, rank_zero)
+    questions = _mt_bench_questions(cfg)
+    mt_answers = base_mt_answers = base_mt_doc = None
+    if questions is not None:
+        with timed("mt_bench answers"):
+            mt_answers = _mt_bench_answers(policy, cfg, questions)
     del policy
     gc.collect()
 
     rewards = baseline_rewards = None
     baseline_doc: dict[str, Any] | None = None
-    if held is not None and cfg.baseline:
+    base_name = None
+    pairwise = questions is not None and cfg.mt_bench.pairwise and bool(cfg.baseline)
+    if cfg.baseline and (held is not None or pairwise):
         base_path = Path(cfg.baseline)
-        if (base_path / RESPONSES_FILE).is_file():
-            baseline_doc = _load_baseline_responses(base_path, held, rm_ckpt)
-            baseline_rewards = baseline_doc["rewards"]
+        base_name = base_path.name
+        if _is_eval_dir(base_path):
+            if held is not None:
+                baseline_doc = _load_baseline_responses(base_path, held, rm_ckpt)
+                baseline_rewards = baseline_doc.get("rewards")
+                base_name = baseline_doc.get("model") or base_name
+            if pairwise:
+                if not (base_path / MT_BENCH_FILE).is_file():
+                    raise ConfigError(
+                        f"baseline {base_path}: no {MT_BENCH_FILE} for the pairwise games; run its eval "
+                        "with the judge too, or set mt_bench.pairwise=false"
+                    )
+                base_mt_answers = mt.load_answers(base_path / MT_BENCH_FILE, questions)
+                base_mt_doc = json.loads((base_path / MT_BENCH_FILE).read_text())
+                base_name = base_mt_doc.get("model") or base_name
         else:
             baseline, _ = load_lm(cfg.baseline)
-            baseline_doc = {"response_ids": _generate(baseline, held, cfg)}
+            if held is not None:
+                with timed("baseline responses"):
+                    baseline_doc = {"response_ids": _generate(baseline, held, cfg)}
+            if pairwise:
+                with timed("baseline mt_bench answers"):
+                    base_mt_answers = _mt_bench_answers(baseline, cfg, questions)
             del baseline
             gc.collect()
     if held is not None and rm_ckpt is not None:
@@ -357,17 +371,51 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         row[r.name] = r.value
         for category, value in r.categories.items():
             row[f"{r.name}/{category}"] = value
-    if mt_score is not None:
-        row["mt_bench"] = mt_score
+    judged_docs: dict[str, dict[str, Any]] = {}
+    judge_on = cfg.judge.resolved_base_url() is not None
+    if rank_zero and judge_on:
+        client = OpenAIChatClient(cfg.judge.client_config())
+        if questions is not None and mt_answers is not None:
+            base = (base_name, base_mt_answers, base_mt_doc) if base_mt_answers is not None else None
+            with timed("mt_bench judging"):
+                mt_doc = mt_bench_doc(cfg, client, name, questions, mt_answers, base)
+            judged_docs[MT_BENCH_FILE] = mt_doc
+            row["mt_bench"] = mt_doc["overall"]
+            if "pairwise" in mt_doc:
+                row["mt_bench_win_rate"] = mt_doc["pairwise"]["results"]["overall"]["win_rate_adjusted"]
+        if held is not None and cfg.rubric.enabled:
+            texts = [_decode(tokenizer, r) for r in responses]
+            sides = [(name, "model", held.prompt_texts, texts, None)]
+            if baseline_doc is not None:
+                reuse = None
+                if "responses" in baseline_doc:  # an earlier eval dir
+                    texts = baseline_doc["responses"]
+                    reuse = reusable_rubric(Path(cfg.baseline), cfg)
+                else:
+                    texts = [_decode(tokenizer, r) for r in baseline_doc["response_ids"]]
+                sides.append((base_name or "baseline", "baseline", held.prompt_texts, texts, reuse))
+            with timed("rubric judging"):
+                judged_docs[RUBRIC_FILE] = rubric_doc(cfg, client, sides)
+            model_scores = judged_docs[RUBRIC_FILE]["models"][0]
+            row["rubric_score"] = model_scores["score"]
+            row.update({f"rubric/{c}": v for c, v in model_scores["pass_rate"].items()})
 
     if rank_zero:
+        for file, judged in judged_docs.items():
+            write_atomic(out_dir / file, json.dumps(judged, indent=2, default=str) + "\n")
+        charts = plot_judged(
+            out_dir,
+            [judged_docs[MT_BENCH_FILE]] if MT_BENCH_FILE in judged_docs else [],
+            [judged_docs[RUBRIC_FILE]] if RUBRIC_FILE in judged_docs else [],
+        )
+        judged_files = {f: str(out_dir / f) for f in judged_docs} | {c.name: str(c) for c in charts}
         if held is not None:
             doc = {
                 "model": name,
                 "checkpoint": str(ckpt),
                 "rm": str(rm_ckpt) if rm_ckpt else None,
                 "prompts": held.prompt_texts,
-                "responses": [tokenizer.decode([t for t in r if t != tokenizer.eos_id]) for r in responses],
+                "responses": [_decode(tokenizer, r) for r in responses],
                 "response_ids": responses,
                 "rewards": rewards,
             }
@@ -377,12 +425,22 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             write_report(out_dir, "benchmarks", benchmark_rows(bench_results), meta)
         write_atomic(out_dir / "timings.json", json.dumps(timed.seconds, indent=2) + "\n")
         write_report(out_dir, cfg.report_name, [row], meta)
-        _summary(name, out_dir, row, doc if held is not None else None, time.time() - started, cfg)
+        summary_responses = doc if held is not None else None
+        _summary(name, out_dir, row, summary_responses, time.time() - started, cfg, judged_files)
     return row
 
 
-def _summary(name: str, out_dir: Path, row: dict, responses: dict | None, seconds: float, cfg: EvalConfig):
-    """The eval's summary block and ``out_dir/summary.md``: its files, the row's numbers, two responses."""
+def _summary(
+    name: str,
+    out_dir: Path,
+    row: dict,
+    responses: dict | None,
+    seconds: float,
+    cfg: EvalConfig,
+    judged: dict[str, str],
+):
+    """The eval's summary block and ``out_dir/summary.md``: its files (judged outputs and charts
+    included), the row's numbers, two responses."""
     from c2f_megatron.training.summary import RunSummary, Sample
 
     summary = RunSummary(f"eval {name}", out_dir, seconds, f"{row.get('n_prompts', 0)} prompts")
@@ -392,6 +450,7 @@ def _summary(name: str, out_dir: Path, row: dict, responses: dict | None, second
     }
     if responses is not None:
         summary.outputs["responses"] = str(out_dir / RESPONSES_FILE)
+    summary.outputs.update(judged)
     summary.outputs["summary"] = str(out_dir / "summary.md")
     summary.metrics = [(k, None, v) for k, v in row.items() if isinstance(v, int | float) and "/" not in k]
     for i in range(min(2, len(responses["responses"]) if responses else 0)):

@@ -2,8 +2,10 @@
 
 Sections: ``responses`` (generation on held-out HH-RLHF prompts: reward, length, EOS, redundancy,
 distinct-n, perplexity of held-out chosen responses, win rate against ``baseline``), ``benchmarks``
-(``eval.benchmarks`` names, off when empty) and ``mt_bench`` (answers + judging through an OpenAI-compatible
-endpoint; off unless a base URL is configured here or in ``$C2F_JUDGE_BASE_URL``).
+(``eval.benchmarks`` names, off when empty), and the judged evaluations: ``judge`` (one OpenAI-compatible
+endpoint; judging is off unless a base URL is configured there or in ``$C2F_JUDGE_BASE_URL``), ``mt_bench``
+(single grading, pairwise games against ``baseline``) and ``rubric`` (ICE-GRT's 8 criteria on the held-out
+responses).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Literal
 
 from c2f_megatron.data.hh_rlhf import HHDataConfig
 from c2f_megatron.eval.benchmarks import parse_benchmark_name
+from c2f_megatron.eval.judge_client import JudgeClientConfig
+from c2f_megatron.eval.rubric import resolve_weights
 from c2f_megatron.platform.distributed import ParallelConfig
 
 JUDGE_BASE_URL_ENV = "C2F_JUDGE_BASE_URL"
@@ -92,31 +96,88 @@ class BenchmarkEvalConfig:
 
 
 @dataclass
-class MTBenchEvalConfig:
-    """Off unless ``base_url`` (or ``$C2F_JUDGE_BASE_URL``) is set; ``model`` defaults to ``$C2F_JUDGE_MODEL``
-    or gpt-4; the key comes from ``$api_key_env`` (never from a file under version control)."""
+class JudgeConfig:
+    """The OpenAI-compatible judge that MT-Bench and the rubric share. Judging is off unless ``base_url`` (or
+    ``$C2F_JUDGE_BASE_URL``) is set; ``model`` defaults to ``$C2F_JUDGE_MODEL`` or gpt-4; the key comes from
+    ``$api_key_env`` (never from a file under version control)."""
 
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    questions: str = "../shared/data/mt_bench/question.jsonl"
-    judge_prompts: str = "../shared/data/mt_bench/judge_prompts.jsonl"
-    reference_answers: str = "../shared/data/mt_bench/reference_answer/gpt-4.jsonl"
-    limit: int | None = None  # first N questions
-    max_new_tokens: int = 256
-    max_workers: int = 4
+    base_url: str | None = None  # e.g. https://api.openai.com/v1; null: $C2F_JUDGE_BASE_URL, else no judging
+    model: str | None = None  # null: $C2F_JUDGE_MODEL, else gpt-4
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (none sent when unset)
+    max_tokens: int = 1024  # judgment length cap
+    temperature: float = 0.0  # FastChat judges at 0
+    max_workers: int = 4  # judge requests in flight
+    timeout: float = 120.0  # seconds per request
+    note: str | None = None  # copied into every judged output and report, e.g. a weak-judge caveat
 
     def __post_init__(self) -> None:
-        for name in ("limit", "max_new_tokens", "max_workers"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"mt_bench.{name} must be >= 1, got {value}")
+        for name in ("max_tokens", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"judge.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"judge.temperature must be >= 0, got {self.temperature}")
+        if self.timeout <= 0:
+            raise ValueError(f"judge.timeout must be > 0, got {self.timeout}")
 
     def resolved_base_url(self) -> str | None:
         return self.base_url or os.environ.get(JUDGE_BASE_URL_ENV) or None
 
     def resolved_model(self) -> str:
         return self.model or os.environ.get(JUDGE_MODEL_ENV) or "gpt-4"
+
+    def client_config(self) -> JudgeClientConfig:
+        base_url = self.resolved_base_url()
+        if base_url is None:
+            raise ValueError(f"judge.base_url is not set (nor ${JUDGE_BASE_URL_ENV})")
+        return JudgeClientConfig(
+            base_url=base_url,
+            model=self.resolved_model(),
+            api_key_env=self.api_key_env,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            timeout_s=self.timeout,
+        )
+
+    def describe(self) -> dict[str, str | None]:
+        """What outputs record about the judge: endpoint, model and the caller's note."""
+        return {"base_url": self.resolved_base_url(), "model": self.resolved_model(), "note": self.note}
+
+
+@dataclass
+class MTBenchEvalConfig:
+    """MT-Bench answers (greedy, two turns) graded 1-10 by the judge, and, with a ``baseline``, FastChat's
+    pairwise games against the baseline's answers (generated with it, or read from an earlier eval's
+    ``mt_bench.json``). Runs when the judge is configured."""
+
+    enabled: bool = True
+    questions: str = "../shared/data/mt_bench/question.jsonl"
+    judge_prompts: str = "../shared/data/mt_bench/judge_prompts.jsonl"
+    reference_answers: str = "../shared/data/mt_bench/reference_answer/gpt-4.jsonl"
+    limit: int | None = None  # first N questions
+    max_new_tokens: int = 256
+    pairwise: bool = True  # play pairwise games against ``baseline`` when one is given
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"mt_bench.{name} must be >= 1, got {value}")
+
+
+@dataclass
+class RubricEvalConfig:
+    """ICE-GRT's 8-criteria PASS/FAIL rubric (``eval.rubric``) on the held-out responses (and the baseline's);
+    runs when the judge is configured and ``responses`` are generated. ``weights``: criterion -> weight for
+    the overall score, 1.0 for criteria left out (ICE-GRT's own weights are missing from our copy)."""
+
+    enabled: bool = True
+    weights: dict[str, float] = field(default_factory=dict)  # e.g. {safety: 2}; unlisted criteria: 1.0
+    limit: int | None = None  # judge the first N held-out responses (null: all of responses.num_prompts)
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"rubric.limit must be >= 1 or null, got {self.limit}")
+        self.weights = resolve_weights(self.weights, "rubric.weights")
 
 
 @dataclass
@@ -141,7 +202,9 @@ class EvalConfig:
     report_name: str = "eval"
     responses: ResponseEvalConfig = field(default_factory=ResponseEvalConfig)
     benchmarks: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     mt_bench: MTBenchEvalConfig = field(default_factory=MTBenchEvalConfig)
+    rubric: RubricEvalConfig = field(default_factory=RubricEvalConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

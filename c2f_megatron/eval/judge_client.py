@@ -10,8 +10,10 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 
 class JudgeAPIError(RuntimeError):
@@ -95,3 +97,11 @@ class OpenAIChatClient:
         raise JudgeAPIError(
             f"judge endpoint {url}: failed after {cfg.max_retries + 1} attempts; last error: {last_error}"
         )
+
+
+def map_concurrent(fn: Callable[[Any], Any], items: Sequence[Any], max_workers: int) -> list[Any]:
+    """``[fn(x) for x in items]`` with up to ``max_workers`` judge requests in flight, order kept."""
+    if max_workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(pool.map(fn, items))

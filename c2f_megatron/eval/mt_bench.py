@@ -10,15 +10,16 @@ dependency.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from c2f_megatron.eval.benchmarks import read_jsonl, require_field
-from c2f_megatron.eval.judge_client import OpenAIChatClient
+from c2f_megatron.eval.judge_client import OpenAIChatClient, map_concurrent
+from c2f_megatron.eval.protocol import truncate_at_stop
 
 # The categories of MT-Bench (and the axes of the paper's Figure 3), in that order.
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -270,13 +271,6 @@ class PairJudgment:
     judgments: tuple[str, str]
 
 
-def _map(fn: Callable[[Any], Any], items: Sequence[Any], max_workers: int) -> list[Any]:
-    if max_workers <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        return list(pool.map(fn, items))
-
-
 def _answer(answers: Answers, qid: int, who: str) -> tuple[str, str]:
     if qid not in answers:
         raise MTBenchDataError(f"no {who} answer for question {qid}")
@@ -303,7 +297,7 @@ def judge_single(
         text = client.complete(r.messages())
         return SingleJudgment(r.question_id, r.category, r.turn, r.judge_name, parse_rating(text), text)
 
-    return _map(run, requests, max_workers)
+    return map_concurrent(run, requests, max_workers)
 
 
 def judge_pairwise(
@@ -336,7 +330,7 @@ def judge_pairwise(
             r1.question_id, r1.category, r1.turn, r1.judge_name, g1, g2, combine_games(g1, g2), (t1, t2)
         )
 
-    return _map(run, jobs, max_workers)
+    return map_concurrent(run, jobs, max_workers)
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -406,18 +400,83 @@ def aggregate_pairwise(judgments: Sequence[PairJudgment], category: str | None =
     )
 
 
+def pairwise_by_category(judgments: Sequence[PairJudgment]) -> dict[str, PairSummary]:
+    """``aggregate_pairwise`` overall (key ``"overall"``) and per category, in ``CATEGORIES`` order."""
+    cats = [c for c in CATEGORIES if any(j.category == c for j in judgments)]
+    cats += sorted({j.category for j in judgments} - set(CATEGORIES))
+    return {"overall": aggregate_pairwise(judgments), **{c: aggregate_pairwise(judgments, c) for c in cats}}
+
+
 # ----------------------------------------------------------------------------------------------- answers
 
 
-def generate_answers(
-    questions: Sequence[Question], respond: Callable[[list[dict[str, str]]], str]
-) -> Answers:
-    """Two-turn answers: ``respond`` gets the chat so far (OpenAI-style messages) and returns the reply; the
-    second turn sees the first question, the model's own first answer and the second question."""
-    out: Answers = {}
-    for q in questions:
-        chat = [{"role": "user", "content": q.turns[0]}]
-        first = respond(list(chat))
-        chat += [{"role": "assistant", "content": first}, {"role": "user", "content": q.turns[1]}]
-        out[q.question_id] = (first, respond(list(chat)))
-    return out
+Chat = list[dict[str, str]]
+
+
+def generate_answers(questions: Sequence[Question], respond: Callable[[list[Chat]], list[str]]) -> Answers:
+    """Two-turn answers in two batches: ``respond`` gets chats (OpenAI-style messages) and returns one reply
+    each; first every question's turn 1, then every turn 2, which sees the first question, the model's own
+    first answer and the second question (the same answers as asking one chat at a time)."""
+    firsts = respond([[{"role": "user", "content": q.turns[0]}] for q in questions])
+    if len(firsts) != len(questions):
+        raise ValueError(f"respond returned {len(firsts)} replies for {len(questions)} chats")
+    seconds = respond(
+        [
+            [
+                {"role": "user", "content": q.turns[0]},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": q.turns[1]},
+            ]
+            for q, a in zip(questions, firsts)
+        ]
+    )
+    if len(seconds) != len(questions):
+        raise ValueError(f"respond returned {len(seconds)} replies for {len(questions)} chats")
+    return {q.question_id: (a, b) for q, a, b in zip(questions, firsts, seconds)}
+
+
+def model_responder(model: Any, chat: Any, max_new_tokens: int) -> Callable[[list[Chat]], list[str]]:
+    """``respond`` for ``generate_answers`` from a ``TokenLM`` and a ``ChatFormat``: all chats in one
+    greedy ``generate_ids`` call (the model batches by its batch size), each reply cut at the format's stop
+    strings."""
+
+    def respond(chats: list[Chat]) -> list[str]:
+        prompts = [
+            chat.encode_prompt(
+                chat.render([("user" if m["role"] == "user" else "assistant", m["content"]) for m in c])
+            )
+            for c in chats
+        ]
+        out = model.generate_ids(prompts, max_new_tokens) if prompts else []
+        return [truncate_at_stop(model.decode_response(r), chat.stop_strings).strip() for r in out]
+
+    return respond
+
+
+def answers_to_json(questions: Sequence[Question], answers: Answers) -> dict[str, Any]:
+    """The ``questions`` and ``answers`` fields of ``mt_bench.json`` (read back by ``load_answers``)."""
+    return {
+        "questions": {str(q.question_id): list(q.turns) for q in questions},
+        "answers": {str(q.question_id): list(answers[q.question_id]) for q in questions},
+    }
+
+
+def load_answers(path: Path | str, questions: Sequence[Question]) -> Answers:
+    """The answers in an earlier eval's ``mt_bench.json``; refuses a file written for other questions."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MTBenchDataError(f"{path}: cannot read MT-Bench answers ({exc})") from exc
+    want = answers_to_json(questions, {q.question_id: ("", "") for q in questions})["questions"]
+    if doc.get("questions") != want:
+        raise MTBenchDataError(
+            f"{path}: field 'questions' differs from this run's MT-Bench questions; evaluate the baseline "
+            "with the same mt_bench.questions / limit"
+        )
+    answers = doc.get("answers")
+    if not isinstance(answers, dict) or any(
+        not isinstance(answers.get(k), list) or len(answers[k]) != 2 for k in want
+    ):
+        raise MTBenchDataError(f"{path}: field 'answers' must hold two turns for every question")
+    return {int(k): (answers[k][0], answers[k][1]) for k in want}

@@ -2,7 +2,7 @@
 
 The paper's argument is visual: reward climbs while Continuous Maximization raises the length limit, and
 the merged models trace a path between the partner (gamma 0) and the coarse actor (gamma 1); its Figure 2
-is MMLU by category and its Figure 3 pairwise win rates. matplotlib is imported lazily with the Agg
+is MMLU by category and its Figure 3 pairwise win rates (``plot_win_tie_loss``). matplotlib is imported lazily with the Agg
 backend (no display); files are written to a temp path and renamed. The PPO curves live with the run
 summary every PPO job ends with (``training/summary.py``).
 """
@@ -34,9 +34,15 @@ GAMMA_METRICS: dict[str, str] = {
 }
 
 
-def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: str) -> Path:
-    """Grouped bars: ``groups[series][category]`` (e.g. MMLU accuracy by category for each model, or
-    pairwise win rates), one colour per series."""
+def plot_bars(
+    groups: dict[str, dict[str, float]],
+    path: Path,
+    title: str,
+    ylabel: str,
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """Grouped bars: ``groups[series][category]`` (e.g. MMLU accuracy by category for each model, MT-Bench
+    scores by category, rubric pass rates by criterion), one colour per series."""
     series = [k for k, v in groups.items() if v]
     if not series:
         raise ValueError(f"nothing to plot for {path}")
@@ -50,9 +56,45 @@ def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabe
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))])
     ax.set_xticklabels(categories, fontsize=8)
     ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_win_tie_loss(games: dict[str, dict[str, dict[str, int]]], path: Path, title: str) -> Path:
+    """The paper's Figure 3: for each pairing (``games[pairing][category] = {"wins", "ties", "losses"}``),
+    stacked horizontal bars of the win / tie / loss fractions per category, one panel per pairing."""
+    pairings = [k for k, v in games.items() if v]
+    if not pairings:
+        raise ValueError(f"nothing to plot for {path}")
+    plt = pyplot()
+    height = max(len(games[k]) for k in pairings)
+    fig, axes = plt.subplots(
+        len(pairings), 1, figsize=(7, 0.35 * height * len(pairings) + 1.2), squeeze=False
+    )
+    parts = (("wins", "win", "tab:green"), ("ties", "tie", "tab:gray"), ("losses", "loss", "tab:red"))
+    for ax, name in zip(axes.flat, pairings):
+        cats = list(games[name])
+        totals = [sum(games[name][c][k] for k, _, _ in parts) for c in cats]
+        left = [0.0] * len(cats)
+        for key, label, colour in parts:
+            frac = [games[name][c][key] / t if t else 0.0 for c, t in zip(cats, totals)]
+            ax.barh(cats, frac, left=left, color=colour, label=label)
+            left = [a + b for a, b in zip(left, frac)]
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes.flat[0].legend(fontsize=7, ncol=3, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    axes.flat[-1].set_xlabel("fraction of games (ties: inconsistent or tied verdicts)")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     try:
         return save_figure(fig, path)

@@ -1,6 +1,9 @@
 """The pipeline's report: the Table-3-style table, pairwise RM win rates, the reward model's accuracy, the
 wall time of every stage, and the plots, all under ``run_dir/report/`` (``summary.md`` ties them together).
 
+With a judge configured, ``report/mt_bench.*`` and ``report/rubric.*`` gather every row's judged evaluations
+(``eval/<row>/mt_bench.json`` and ``rubric.json``) with their charts.
+
 Everything is read back from the stage outputs (``eval/<row>/eval.json`` and ``responses.json``, each PPO
 run's ``metrics.jsonl``, the reward model's checkpoint metadata), so the report is rewritten the same way
 whether the stages ran now or earlier.
@@ -42,6 +45,63 @@ def _rows(p: Pipeline) -> list[dict[str, Any]]:
         row.pop("model", None)
         rows.append({"model": name, "gamma": gamma_of(name), **row})
     return rows
+
+
+def _judged_docs(p: Pipeline, file: str) -> list[dict[str, Any]]:
+    """Each row's ``mt_bench.json`` or ``rubric.json`` (``file``), in table order, where that eval judged."""
+    from c2f_megatron.eval.judged import read_doc
+
+    docs = []
+    for name, _ in p.eval_models():
+        doc = read_doc(Path(p.outputs[f"eval/{name}"]).parent / file)
+        if doc is not None:
+            docs.append({**doc, "model": name} if "model" in doc else doc)
+    return docs
+
+
+def _judged_tables(p: Pipeline, out: Path, meta: Any) -> tuple[list[str], list[Path]]:
+    """``report/mt_bench.*`` and ``report/rubric.*`` across the rows that were judged, their charts, and the
+    summary's section naming the judge (and the caller's caveat, ``judge.note``)."""
+    from c2f_megatron.eval.judged import (
+        MT_BENCH_FILE,
+        RUBRIC_FILE,
+        judge_lines,
+        mt_bench_row,
+        plot_judged,
+        rubric_rows,
+    )
+    from c2f_megatron.eval.report import write_report
+    from c2f_megatron.eval.rubric import WEIGHTS_NOTE
+
+    mt_docs, rubric_docs = _judged_docs(p, MT_BENCH_FILE), _judged_docs(p, RUBRIC_FILE)
+    if not mt_docs and not rubric_docs:
+        return [], []
+    lines = ["## Judged evaluations", "", *judge_lines(mt_docs + rubric_docs), ""]
+    if mt_docs:
+        rows = [mt_bench_row(d) for d in mt_docs]
+        write_report(out, "mt_bench", rows, meta)
+        lines += [
+            f"MT-Bench (1-10, `mt_bench.md`); `win_rate`: pairwise against `{p.partner}`, ties half.",
+            "",
+            _markdown_table(rows),
+        ]
+    if rubric_docs:
+        rows = [r for d in rubric_docs for r in rubric_rows(d) if r["role"] == "model"]
+        names = {r["model"] for r in rows}
+        for d in rubric_docs:  # a baseline judged only as a baseline still gets its row
+            for r in rubric_rows(d):
+                if r["model"] not in names:
+                    rows.append(r)
+                    names.add(r["model"])
+        write_report(out, "rubric", rows, meta)
+        weights = ", ".join(f"{c} {w:g}" for c, w in rubric_docs[0]["weights"].items())
+        lines += [
+            "ICE-GRT rubric (`rubric.md`): pass rate per criterion over every judged response (unparsable "
+            f"judgments count as failures; `n_errors`), `score` weighted by {weights}. {WEIGHTS_NOTE}",
+            "",
+            _markdown_table(rows),
+        ]
+    return lines, plot_judged(out, mt_docs, rubric_docs)
 
 
 def pairwise_win_rates(p: Pipeline) -> list[dict[str, Any]]:
@@ -128,6 +188,9 @@ def write_pipeline_report(p: Pipeline) -> Path:
         groups = {f"{x['a']} vs {x['b']}": {"win rate": x["win_rate_a_over_b"]} for x in pairs}
         plots.append(plot_bars(groups, out / "pairwise_win_rates.png", "RM win rate, a over b", "win rate"))
 
+    judged_lines, judged_plots = _judged_tables(p, out, meta)
+    plots += judged_plots
+
     total = sum(p.seconds.values())
     lines = [
         f"# {p.cfg.title}",
@@ -148,6 +211,7 @@ def write_pipeline_report(p: Pipeline) -> Path:
     ]
     if pairs:
         lines += ["## Pairwise RM win rates", "", _markdown_table(pairs)]
+    lines += judged_lines
     lines += [
         f"## Wall time per stage ({total / 60:.1f} min in all)",
         "",
@@ -167,6 +231,9 @@ def run_summary(p: Pipeline, seconds: float, report: Path) -> RunSummary:
     ran = f"{len(p.ran)} stage(s) run" + (f", {len(p.skipped)} done earlier" if p.skipped else "")
     summary = RunSummary("pipeline", p.run_dir, seconds, ran, columns=("start/before", "end/after"))
     summary.outputs = {"report": str(report / "summary.md"), "summary": str(p.run_dir / "summary.md")}
+    for table in ("mt_bench", "rubric"):
+        if (report / f"{table}.md").is_file():
+            summary.outputs[f"{table} table"] = str(report / f"{table}.md")
     for name in ("base", "rm", "coarse", "merge"):
         if name in p.outputs:
             summary.outputs[name] = str(p.outputs[name])

@@ -87,8 +87,15 @@ def _run_args(args: argparse.Namespace) -> int:
     if not source.exists():
         return _fail(f"--checkpoint {source}: not found")
 
+    from c2f_megatron.checkpoint.hf_dir import is_hf_directory
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
-    from c2f_megatron.checkpoint.resolve import checkpoint_or_converted
+    from c2f_megatron.checkpoint.resolve import checkpoint_or_converted, resolve_checkpoint
+
+    if not (source.is_dir() and is_hf_directory(source)):
+        try:  # refused before torch and megatron are imported
+            resolve_checkpoint(source, "actor", "--checkpoint")
+        except CheckpointError as exc:
+            return _fail(str(exc))
     from c2f_megatron.data import load_tokenizer
     from c2f_megatron.eval.megatron_model import MegatronLM
     from c2f_megatron.platform.distributed import ParallelConfig, init_distributed, is_rank_zero
