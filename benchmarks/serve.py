@@ -22,7 +22,9 @@ from pathlib import Path
 def hh_questions(data: Path, n: int) -> list[str]:
     from c2f_megatron.data import HHDataConfig, load_from_config, parse_hh
 
-    cfg = HHDataConfig(source=str(data / "hh-rlhf/harmless-base/test.jsonl.gz"), split=None, eval_fraction=0.1)
+    cfg = HHDataConfig(
+        source=str(data / "hh-rlhf/harmless-base/test.jsonl.gz"), split=None, eval_fraction=0.1
+    )
     out: list[str] = []
     for pair in load_from_config(cfg).eval:
         first = parse_hh(pair.prompt)[0][1]
@@ -92,7 +94,9 @@ def main() -> None:
 
             ckpt = str(Path(tmp) / "SmolLM2-135M-Instruct")
             convert_gguf_to_hf(smollm2_gguf_path(), ckpt)
-        with ServerProcess(["--checkpoint", ckpt, "--work-dir", tmp, "--model-name", "bench", "--quiet"]) as server:
+        with ServerProcess(
+            ["--checkpoint", ckpt, "--work-dir", tmp, "--model-name", "bench", "--quiet"]
+        ) as server:
             client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
             run_level(client, "bench", questions[:2], 2, 4)  # warm-up
             rows = {n: run_level(client, "bench", questions, n, args.max_tokens) for n in args.clients}

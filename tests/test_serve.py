@@ -427,9 +427,17 @@ def test_tensor_parallel_server_equals_our_generation(tiny: Path, reference):
         got = {}
 
         def ask(i: int) -> None:
-            got[i] = c.completions.create(
-                model="tiny", prompt=PROMPTS[i], temperature=0, max_tokens=MAX_NEW, extra_body={"return_token_ids": True}
-            ).choices[0].model_extra["token_ids"]
+            got[i] = (
+                c.completions.create(
+                    model="tiny",
+                    prompt=PROMPTS[i],
+                    temperature=0,
+                    max_tokens=MAX_NEW,
+                    extra_body={"return_token_ids": True},
+                )
+                .choices[0]
+                .model_extra["token_ids"]
+            )
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
         for t in threads:
