@@ -377,3 +377,17 @@ def test_answers_round_trip_and_refuse_other_questions(mt, tmp_path):
     path.write_text(json.dumps({"model": "base", "answers": {}}))
     with pytest.raises(MTBenchDataError, match="field 'questions'"):
         load_answers(path, questions)
+
+
+def test_select_questions_per_category_then_limit(shared_data):
+    from c2f_megatron.eval.mt_bench import CATEGORIES, load_questions, select_questions
+
+    qs = load_questions(shared_data / "mt_bench" / "question.jsonl")
+    one_each = select_questions(qs, per_category=1)
+    assert [q.category for q in one_each] == list(CATEGORIES)
+    assert [q.question_id for q in one_each] == [
+        next(x for x in qs if x.category == c).question_id for c in CATEGORIES
+    ]
+    assert len(select_questions(qs, per_category=2)) == 16
+    assert [q.question_id for q in select_questions(qs, per_category=2, limit=3)] == [81, 82, 91]
+    assert select_questions(qs) == qs

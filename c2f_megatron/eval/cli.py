@@ -90,25 +90,16 @@ def main(config_path: str | None, overrides: list[str]) -> int:
 
 def prepare_checkpoint(path: str, cfg: EvalConfig, role: str) -> Path:
     """The c2f checkpoint to load for ``path``; an HF directory is converted once under ``out_dir``."""
-    from c2f_megatron.checkpoint.hf_dir import is_hf_directory
-    from c2f_megatron.checkpoint.megatron_dir import METADATA_FILE
-    from c2f_megatron.checkpoint.resolve import resolve_checkpoint
+    from c2f_megatron.checkpoint.resolve import checkpoint_or_converted
 
-    p = Path(path)
-    if p.is_dir() and is_hf_directory(p):
-        from c2f_megatron.checkpoint.convert import convert_hf_to_megatron
-
-        out = Path(cfg.out_dir) / "converted" / p.resolve().name
-        if not (out / METADATA_FILE).is_file():
-            convert_hf_to_megatron(
-                p,
-                out,
-                tp=cfg.parallel.tensor_model_parallel_size,
-                pp=cfg.parallel.pipeline_model_parallel_size,
-                force=out.exists(),
-            )
-        return out
-    return resolve_checkpoint(p, role)
+    par = cfg.parallel
+    return checkpoint_or_converted(
+        path,
+        role,
+        Path(cfg.out_dir) / "converted",
+        par.tensor_model_parallel_size,
+        par.pipeline_model_parallel_size,
+    )
 
 
 @dataclass
@@ -213,7 +204,9 @@ def _mt_bench_questions(cfg: EvalConfig) -> list[Any] | None:
 
     if not cfg.mt_bench.enabled or cfg.judge.resolved_base_url() is None:
         return None
-    return mt.load_questions(cfg.mt_bench.questions)[: cfg.mt_bench.limit]
+    return mt.select_questions(
+        mt.load_questions(cfg.mt_bench.questions), cfg.mt_bench.per_category, cfg.mt_bench.limit
+    )
 
 
 def _mt_bench_answers(model: Any, cfg: EvalConfig, questions: list[Any]) -> dict[int, tuple[str, str]]:

@@ -153,12 +153,13 @@ class MTBenchEvalConfig:
     questions: str = "../shared/data/mt_bench/question.jsonl"
     judge_prompts: str = "../shared/data/mt_bench/judge_prompts.jsonl"
     reference_answers: str = "../shared/data/mt_bench/reference_answer/gpt-4.jsonl"
-    limit: int | None = None  # first N questions
+    per_category: int | None = None  # the first N questions of each category (a subset that covers all 8)
+    limit: int | None = None  # then the first N questions
     max_new_tokens: int = 256
     pairwise: bool = True  # play pairwise games against ``baseline`` when one is given
 
     def __post_init__(self) -> None:
-        for name in ("limit", "max_new_tokens"):
+        for name in ("per_category", "limit", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"mt_bench.{name} must be >= 1, got {value}")

@@ -100,6 +100,20 @@ def load_questions(path: Path | str) -> list[Question]:
     return out
 
 
+def select_questions(
+    questions: Sequence[Question], per_category: int | None = None, limit: int | None = None
+) -> list[Question]:
+    """The first ``per_category`` questions of each category (all when None), in file order, then the
+    first ``limit`` of those."""
+    seen: dict[str, int] = {}
+    out = []
+    for q in questions:
+        seen[q.category] = seen.get(q.category, 0) + 1
+        if per_category is None or seen[q.category] <= per_category:
+            out.append(q)
+    return out[:limit]
+
+
 def load_reference_answers(path: Path | str) -> Answers:
     """reference_answer/gpt-4.jsonl -> {question_id: (turn-1 answer, turn-2 answer)} (FastChat uses choice 0)."""
     path = Path(path)

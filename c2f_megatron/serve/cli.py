@@ -1,7 +1,7 @@
 """``c2f serve --checkpoint DIR [--port P] [--host 127.0.0.1] [--api-key KEY]``: the OpenAI API over a model.
 
-Serves a c2f checkpoint (a step, a training root, PPO's ``actor/``) or a Hugging Face directory (converted
-once under ``--work-dir``) at ``http://HOST:PORT/v1``: ``/v1/models``, ``/v1/chat/completions`` (rendered in
+Serves a c2f checkpoint (a step, a training root, PPO's ``actor/``), a Hugging Face directory or a GGUF file
+(``smollm2-135m-instruct``: the packaged one; converted once under ``--work-dir``) at ``http://HOST:PORT/v1``: ``/v1/models``, ``/v1/chat/completions`` (rendered in
 the model's chat format), ``/v1/completions``. Loopback only unless ``--host`` says otherwise; with an API key
 (``--api-key`` or ``$C2F_SERVE_API_KEY``) every request must carry it as a bearer token.
 
@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from c2f_megatron.checkpoint.resolve import PACKAGED_SMOLLM2
+
 API_KEY_ENV = "C2F_SERVE_API_KEY"
 PROMPT_FORMATS = ("auto", "chat-template", "mistral-instruct", "hh")
 
@@ -29,7 +31,11 @@ def register(subparsers: Any) -> None:
         help="serve a checkpoint over the OpenAI API (chat and text completions, streaming)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--checkpoint", required=True, help="c2f checkpoint, training root or HF directory")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help=f"c2f checkpoint, training root, HF directory, GGUF file, or {PACKAGED_SMOLLM2} (the packaged GGUF)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", help=f"require this bearer token (default: ${API_KEY_ENV}, else none)")
@@ -50,6 +56,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--work-dir", default="runs/serve", help="where an HF directory is converted")
     p.add_argument("--quiet", action="store_true", help="no line per batch")
     p.set_defaults(func=_run_args)
+
+
+def _is_gguf(spec: str) -> bool:
+    return spec == PACKAGED_SMOLLM2 or spec.endswith(".gguf")
 
 
 def _fail(message: str) -> int:
@@ -84,14 +94,14 @@ def _run_args(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         return _fail(f"--port must be in [0, 65535], got {args.port}")
     source = Path(args.checkpoint)
-    if not source.exists():
+    if not source.exists() and args.checkpoint != PACKAGED_SMOLLM2:
         return _fail(f"--checkpoint {source}: not found")
 
     from c2f_megatron.checkpoint.hf_dir import is_hf_directory
     from c2f_megatron.checkpoint.megatron_dir import CheckpointError
     from c2f_megatron.checkpoint.resolve import checkpoint_or_converted, resolve_checkpoint
 
-    if not (source.is_dir() and is_hf_directory(source)):
+    if not (source.is_dir() and is_hf_directory(source)) and not _is_gguf(args.checkpoint):
         try:  # refused before torch and megatron are imported
             resolve_checkpoint(source, "actor", "--checkpoint")
         except CheckpointError as exc:
