@@ -341,6 +341,20 @@ def test_errors_are_openai_shaped_and_leave_the_server_up(server):
     assert r.usage.completion_tokens == 2
 
 
+def test_a_queued_request_whose_client_left_is_dropped(server):
+    """A client that times out while its request waits behind a running batch costs no generation."""
+    c = _client(server)
+    before = len(server.output())
+    stream = c.completions.create(model="tiny", prompt=PROMPTS[4], temperature=0, max_tokens=240, stream=True)
+    next(iter(stream))  # the long batch runs
+    impatient = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=0.2)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model="tiny", prompt=PROMPTS[6], temperature=0, max_tokens=8)
+    list(stream)
+    c.completions.create(model="tiny", prompt=PROMPTS[1], temperature=0, max_tokens=1)  # the next batch
+    assert "dropped 1 queued request(s) whose client left" in server.output()[before:]
+
+
 def test_sigterm_finishes_the_running_request_then_exits(server):
     """The last test of the module's server: SIGTERM while a stream runs."""
     c = _client(server)

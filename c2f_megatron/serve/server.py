@@ -24,6 +24,7 @@ import hmac
 import json
 import queue
 import random
+import socket
 import sys
 import threading
 import time
@@ -72,10 +73,22 @@ class Job:
     rows: list[RowSpec]
     prompt_tokens: list[int]  # per row
     events: queue.Queue = field(default_factory=queue.Queue)
+    connection: socket.socket | None = None  # the client's, to drop the job if it hangs up while queued
 
     @property
     def key(self) -> tuple[Any, ...]:
         return self.request.sampling.batch_key()
+
+    def client_left(self) -> bool:
+        """The client closed its connection (a timeout gave up on it): no one waits for the answer."""
+        if self.connection is None:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # open, nothing sent: still waiting
+        except OSError:
+            return True
 
     def fail(self, error: api.APIError) -> None:
         for i in range(len(self.rows)):
@@ -205,12 +218,19 @@ class Server:
         if self.batch_wait_s > 0 and queued < self.max_batch_size:
             time.sleep(self.batch_wait_s)  # let concurrent clients' requests arrive
         with self._lock:
-            first = self._queue.popleft()
-            batch, kept = [first], collections.deque()
+            left = [j for j in self._queue if j.client_left()]
+            self._queue = collections.deque(j for j in self._queue if j not in left)
+            batch: list[Job] = []
+            kept: collections.deque[Job] = collections.deque()
             while self._queue:
                 job = self._queue.popleft()
-                (batch if job.key == first.key and self._fits(batch, job) else kept).append(job)
+                fits = not batch or (job.key == batch[0].key and self._fits(batch, job))
+                (batch if fits else kept).append(job)
             self._queue = kept
+        for job in left:
+            job.fail(api.APIError(499, "the client closed the connection", code="client_closed"))
+        if left and self.log:
+            print(f"c2f serve: dropped {len(left)} queued request(s) whose client left", file=sys.stderr)
         return batch
 
     def _spec(self, batch: list[Job]) -> BatchSpec:
@@ -499,6 +519,7 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 job = server.job(api.parse_request(kind, raw))
+                job.connection = self.connection
                 server.submit(job)
                 if not job.request.stream:
                     self._send_json(200, collect(server, job))
@@ -506,6 +527,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             except api.APIError as error:
                 self._error(error)
                 return
+            except (BrokenPipeError, ConnectionResetError):
+                raise  # the client left: nothing to answer
             except Exception as exc:  # a bug in one request must not stop the server
                 traceback.print_exc(file=sys.stderr)
                 self._error(api.APIError(500, f"internal error: {exc}", type="server_error"))
