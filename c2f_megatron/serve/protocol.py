@@ -293,7 +293,6 @@ class Choice:
     text: str
     finish_reason: Literal["stop", "length"]
     tokens: list[TokenInfo]  # reported (log-probs, token ids): those inside ``text``, then EOS
-    prompt_tokens: int
     completion_tokens: int  # every generated id, a stop string's and EOS included
 
 
@@ -340,8 +339,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def response_body(request: Request, rid: str, choices: list[Choice]) -> dict[str, Any]:
-    """The non-streaming response; usage counts each distinct prompt once, as OpenAI does for ``n``."""
+def response_body(request: Request, rid: str, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
+    """The non-streaming response."""
     wants_logprobs = request.sampling.top_logprobs is not None
     out = []
     for c in choices:
@@ -362,8 +361,6 @@ def response_body(request: Request, rid: str, choices: list[Choice]) -> dict[str
         if request.return_token_ids:
             item["token_ids"] = [t.id for t in c.tokens]
         out.append(item)
-    n = request.sampling.n
-    prompt_tokens = sum(c.prompt_tokens for c in choices[::n])
     return {
         "id": rid,
         "object": "chat.completion" if request.kind == "chat" else "text_completion",

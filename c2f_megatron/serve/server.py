@@ -71,13 +71,17 @@ class Job:
 
     request: api.Request
     rows: list[RowSpec]
-    prompt_tokens: list[int]  # per row
     events: queue.Queue = field(default_factory=queue.Queue)
     connection: socket.socket | None = None  # the client's, to drop the job if it hangs up while queued
 
     @property
     def key(self) -> tuple[Any, ...]:
         return self.request.sampling.batch_key()
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Usage's prompt tokens: each prompt once, however many choices (``n``) it has, as OpenAI counts."""
+        return sum(len(r.prompt) for r in self.rows[:: self.request.sampling.n])
 
     def client_left(self) -> bool:
         """The client closed its connection (a timeout gave up on it): no one waits for the answer."""
@@ -167,7 +171,7 @@ class Server:
             )
         s = request.sampling
         stops = tuple(dict.fromkeys([*s.stop, *(self.chat.stop_strings if request.kind == "chat" else [])]))
-        rows, prompt_tokens = [], []
+        rows = []
         for prompt in self._encode(request):
             n = len(prompt)
             room = self.max_length - n
@@ -184,8 +188,7 @@ class Server:
             for j in range(s.n):
                 seed = (s.seed + j) % 2**63 if s.seed is not None else self._random.getrandbits(63)
                 rows.append(RowSpec(prompt, limit, stops, seed))
-                prompt_tokens.append(n)
-        return Job(request, rows, prompt_tokens)
+        return Job(request, rows)
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -388,11 +391,9 @@ def collect(server: Server, job: Job) -> dict[str, Any]:
             texts[row].add(event)
             continue
         text = texts[row].final(event)
-        finished[row] = api.Choice(
-            row, text, event.finish_reason, texts[row].reported(text), job.prompt_tokens[row], len(event.ids)
-        )
+        finished[row] = api.Choice(row, text, event.finish_reason, texts[row].reported(text), len(event.ids))
     choices = [finished[i] for i in range(len(job.rows))]
-    return api.response_body(job.request, api.new_id(job.request.kind), choices)
+    return api.response_body(job.request, api.new_id(job.request.kind), choices, job.prompt_tokens)
 
 
 def stream(server: Server, job: Job, write: Any) -> None:
@@ -424,8 +425,7 @@ def stream(server: Server, job: Job, write: Any) -> None:
         send(api.chunk_body(request, rid, row, text, tokens, event.finish_reason))
         done += 1
     if request.include_usage:
-        prompt_tokens = sum(job.prompt_tokens[:: request.sampling.n])
-        send(api.usage_chunk(request, rid, prompt_tokens, completion_tokens))
+        send(api.usage_chunk(request, rid, job.prompt_tokens, completion_tokens))
     write(b"data: [DONE]\n\n")
 
 
