@@ -1,8 +1,11 @@
 """Time split of one Coarse Actor PPO iteration: rollout, scoring (actor / reference log-probs, critic values,
 reward), GAE, PPO update. Synthetic prompts and a programmatic reward by default (no data or RM needed);
-``--config`` runs any ``c2f coarse-actor`` YAML instead (e.g. with a reward model).
+``--config`` runs any ``c2f coarse-actor`` YAML instead (e.g. with a reward model). ``--before TREE`` runs
+the same iterations with the code of another checkout (``bench_common.run_before``) and prints the time
+ratio and the largest difference of the last iteration's metrics (update statistics, rewards, KL).
 
     python benchmarks/ppo_iteration.py --preset mistral-nano                     # CPU, world of 1
+    python benchmarks/ppo_iteration.py --config runs/demo_smollm2/coarse/job.yaml --before /tmp/before
     torchrun --nproc_per_node=8 benchmarks/ppo_iteration.py --preset mistral-1b --tp 2 --batch 64 --length 512
 """
 
@@ -13,6 +16,7 @@ import json
 import time
 
 import torch
+from bench_common import check_before_tree, emit, run_before
 
 
 def timed(fn, *args):
@@ -45,8 +49,12 @@ def main() -> None:
     parser.add_argument(
         "--iterations", type=int, default=2, help="the first one is warm-up; the last is reported"
     )
+    parser.add_argument("--before", default=None, help="a checkout of the code to compare against")
+    parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)  # the --before child
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the job config")
     args = parser.parse_args()
+    if args.before:
+        check_before_tree(args.before)
 
     from c2f_megatron.config import load_config
     from c2f_megatron.generation.rollout import GenerationConfig
@@ -83,6 +91,8 @@ def main() -> None:
         ]
     cfg = load_config(PPOJobConfig, args.config, overrides)
     init_distributed(cfg.parallel)
+    if args.before and torch.distributed.get_world_size() > 1:
+        raise SystemExit("--before compares runs in a world of 1 (no torchrun)")
     w = build_workers(cfg)
     dp_size, dp_rank = w.actor.layout.dp, w.actor.layout.dp_rank
     length = args.length if not args.config else cfg.length.cm.initial_length
@@ -109,7 +119,12 @@ def main() -> None:
         exp.raw_scores, t["reward"] = timed(w.reward.score, exp)
         exp.scores = normalize_scores(exp.raw_scores, w.reward.mean, w.reward.std, cfg.reward.clip)
         _, t["gae"] = timed(finalize, exp, 0.05, cfg.ppo.kl_estimator, cfg.ppo.gamma, cfg.ppo.lam, True)
-        _, t["ppo_update"] = timed(ppo_update, w, cfg, exp, it, True)
+        update, t["ppo_update"] = timed(ppo_update, w, cfg, exp, it, True)
+        metrics = {k: float(v) for k, v in update.items() if isinstance(v, (int, float))}
+        metrics["score_mean"] = float(exp.raw_scores.mean())
+        metrics["kl_mean"] = float(
+            ((exp.old_logprobs - exp.ref_logprobs) * exp.response_mask).sum() / exp.response_mask.sum()
+        )
         total = sum(t.values())
         tokens = exp.tokens.numel()
         report = {
@@ -121,11 +136,47 @@ def main() -> None:
         }
         if is_rank_zero():
             print(json.dumps(report), flush=True)
+    if args.ours_only:
+        if is_rank_zero():
+            emit({"report": report, "metrics": metrics})
+        return
     if is_rank_zero():
         print(
             f"one PPO iteration ({cfg.ppo.rollout_batch_size} prompts x {length} new tokens; "
             f"{w.layouts.describe()}): {report['total_s']} s = "
             + ", ".join(f"{k} {report[k + '_pct']}%" for k in t)
+        )
+    if args.before and is_rank_zero():
+        child = ["--ours-only", "--iterations", str(args.iterations), "--length", str(args.length)]
+        if args.config:
+            child += ["--config", args.config]
+        else:
+            child += [
+                f"--{k.replace('_', '-')}={getattr(args, k)}"
+                for k in (
+                    "preset",
+                    "layer_spec",
+                    "tp",
+                    "pp",
+                    "batch",
+                    "mini_batch",
+                    "micro_batch",
+                    "prompt_len",
+                    "epochs",
+                )
+            ]
+        before = run_before(args.before, __file__, child + list(args.overrides))
+        old = before["report"]
+        print(f"before: {old['total_s']} s = " + ", ".join(f"{k} {old[k + '_s']} s" for k in t))
+        print(
+            f"ratio ours / before (iteration wall time): {old['total_s'] / report['total_s']:.2f}; "
+            + ", ".join(f"{k} {old[k + '_s'] / max(report[k + '_s'], 1e-9):.2f}x" for k in t)
+        )
+        diffs = {k: abs(v - before["metrics"][k]) for k, v in metrics.items() if k in before["metrics"]}
+        worst = max(diffs, key=diffs.get)
+        print(
+            f"metrics ({len(diffs)}): largest difference {diffs[worst]:.2e} ({worst}: ours {metrics[worst]:.6g}, "
+            f"before {before['metrics'][worst]:.6g})"
         )
 
 

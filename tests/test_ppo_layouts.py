@@ -213,3 +213,15 @@ def test_sequence_parallel_and_recompute_leave_ppo_unchanged(
     cfg = write_config(tmp_path / "sp.yaml", run_dir, TWO_LAYERS)
     run_torchrun("ppo_cli.py", 2, _args(cfg, init_ckpt, 3, *layout))
     _assert_same(baseline, read_metrics(run_dir), "sequence parallel")
+
+
+def test_padding_free_micro_batches_leave_ppo_unchanged(
+    tmp_path: Path, init_ckpt: Path, baseline: list[dict]
+) -> None:
+    """The baseline packs its rows without padding (``ppo.pack_sequences``, the default); the same run on
+    padded micro-batches has the same metrics over 3 iterations (log-probs and values differ by float
+    rounding only: RoPE is relative, and the block-diagonal mask hides the other rows)."""
+    run_dir = tmp_path / "padded"
+    cfg = write_config(tmp_path / "padded.yaml", run_dir, TWO_LAYERS)
+    run_python("ppo_cli.py", _args(cfg, init_ckpt, 3, "ppo.pack_sequences=false"))
+    _assert_same(baseline, read_metrics(run_dir), "padded micro-batches")

@@ -66,18 +66,31 @@ def reference(logits: torch.Tensor, mb: Experience, temperature: float) -> torch
 
 def test_eos_mass_is_the_full_softmax_on_the_suppressed_ids() -> None:
     logits, mb = toy_batch(padded_vocab=64)
-    out = response_logprobs(logits, mb, layout(), TRUE_VOCAB, SUPPRESSED, 0.7, with_eos_mass=True)
+    out = response_logprobs(
+        mb.output_rows(logits), mb, layout(), TRUE_VOCAB, SUPPRESSED, 0.7, with_eos_mass=True
+    )
     expected = reference(logits, mb, 0.7)
     assert torch.allclose(out["eos_mass"], expected, atol=1e-6, rtol=1e-5)
     assert float(expected[mb.response_mask].max()) > 0.3  # the toy policy does push against the cut
     # the log-probs (the training math) are the same whether the mass is asked for or not, bit for bit
-    plain = response_logprobs(logits, mb, layout(), TRUE_VOCAB, SUPPRESSED, 0.7, with_entropy=True)
+    plain = response_logprobs(
+        mb.output_rows(logits), mb, layout(), TRUE_VOCAB, SUPPRESSED, 0.7, with_entropy=True
+    )
     both = response_logprobs(
-        logits, mb, layout(), TRUE_VOCAB, SUPPRESSED, 0.7, with_entropy=True, with_eos_mass=True
+        mb.output_rows(logits),
+        mb,
+        layout(),
+        TRUE_VOCAB,
+        SUPPRESSED,
+        0.7,
+        with_entropy=True,
+        with_eos_mass=True,
     )
     assert torch.equal(plain["logprobs"], both["logprobs"]) and torch.equal(plain["entropy"], both["entropy"])
     # nothing suppressed (plain PPO): no EOS mass
-    assert "eos_mass" not in response_logprobs(logits, mb, layout(), TRUE_VOCAB, [], 1.0, with_eos_mass=True)
+    assert "eos_mass" not in response_logprobs(
+        mb.output_rows(logits), mb, layout(), TRUE_VOCAB, [], 1.0, with_eos_mass=True
+    )
 
 
 def test_eos_mass_at_tp2_matches_the_unsharded_reference() -> None:

@@ -54,6 +54,17 @@ def test_cached_greedy_equals_full_recompute_pp2(pp2: dict) -> None:
     assert pp2["per_prompt_equal"]
 
 
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_continuous_batching_equals_prompts_generated_alone(
+    layout: str, request: pytest.FixtureRequest
+) -> None:
+    out = request.getfixturevalue(layout)
+    assert out["continuous_equal_alone"], f"{layout}: continuous batching changed a greedy response"
+    lengths = out["continuous_lengths"]
+    assert min(lengths) < max(lengths) == 12, f"{layout}: no row stopped early ({lengths}), nothing refilled"
+    assert out["continuous_sampling_batch_free"], f"{layout}: a sample depends on max_batch"
+
+
 def test_left_padded_rows_equal_prompts_generated_alone(tp1: dict, tp2: dict) -> None:
     assert tp1["per_prompt_equal"] and tp2["per_prompt_equal"]
 

@@ -5,8 +5,10 @@ data-parallel rank of the role's layout takes its contiguous slice of rows, runs
 schedule over it in micro-batches, the last pipeline stage's results are broadcast along the pipeline,
 and the slices are gathered back over data parallel, so every rank returns the results for all rows.
 
-A batch is anything with ``tokens`` ([b, s]), ``attention_mask()``, ``dp_shard(rank, size)``,
-``split(micro_batch_size)`` and ``len`` (``rl.experience.Experience``).
+A batch is anything with ``tokens`` ([b, s]), ``dp_shard(rank, size)``, ``micro_batches(rows, pack)``
+and ``len`` (``rl.experience.Experience``). A micro-batch gives the model its inputs (``model_inputs()``:
+padded rows, or rows packed without padding) and maps the model's output back to its rows
+(``output_rows(output)``), which the per-row math (``compute``, ``loss_func``) reads with ``rows``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,24 @@ from c2f_megatron.engine.role_model import RoleModel
 from c2f_megatron.platform.role_layout import RoleLayout
 
 
+class MicroBatch(Protocol):
+    rows: Any  # what the per-row math reads
+
+    def __len__(self) -> int: ...
+
+    def model_inputs(self) -> tuple[Tensor, Tensor]: ...  # tokens [m, s] and their attention mask
+
+    def output_rows(self, output: Tensor) -> Tensor: ...  # the output the per-row math reads
+
+
 class RowBatch(Protocol):
     tokens: Tensor
 
     def __len__(self) -> int: ...
 
-    def attention_mask(self) -> Tensor: ...
-
     def dp_shard(self, dp_rank: int, dp_size: int) -> RowBatch: ...
 
-    def split(self, size: int) -> list[RowBatch]: ...
+    def micro_batches(self, rows: int, pack: bool = False) -> list[MicroBatch]: ...
 
 
 def gather_rows(local: Tensor, layout: RoleLayout) -> Tensor:
@@ -71,20 +81,24 @@ def model_forward(data_iterator: Any, model: torch.nn.Module, loss_func: Callabl
     from c2f_megatron.models.gpt import position_ids_for
 
     mb = next(data_iterator)
-    tokens, mask = mb.tokens, mb.attention_mask()
-    extra = _sp_padding(model.config, tokens.shape[1])
+    tokens, mask = mb.model_inputs()
+    width = tokens.shape[1]
+    extra = _sp_padding(model.config, width)
     if extra:  # sequence parallelism splits the sequence over TP: pad at the end (causal: nobody sees it)
         tokens = torch.nn.functional.pad(tokens, (0, extra))
         mask = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=True)
     output = model(tokens, position_ids_for(tokens), mask)
-    if extra:
-        output = output[:, : mb.tokens.shape[1]]
-    return output, partial(loss_func, mb)
+    return output, partial(_on_rows, loss_func, mb, width)
 
 
-def _collect(compute: Callable[[Tensor, Any], dict[str, Tensor]], mb: Any, output: Tensor):
+def _on_rows(loss_func: Callable, mb: MicroBatch, width: int, output: Tensor):
+    """``loss_func(rows, their output)``: the micro-batch's rows and the model output mapped onto them."""
+    return loss_func(mb.rows, mb.output_rows(output[:, :width]))
+
+
+def _collect(compute: Callable[[Tensor, Any], dict[str, Tensor]], rows: Any, output: Tensor):
     """Forward-only ``loss_func``: no loss, the computed tensors ride in the 'reduced' slot."""
-    out = {k: v.detach() for k, v in compute(output, mb).items()}
+    out = {k: v.detach() for k, v in compute(output, rows).items()}
     zero = torch.zeros((), device=output.device)
     return zero, torch.ones((), dtype=torch.int, device=output.device), out
 
@@ -95,16 +109,18 @@ def forward_rows(
     micro_batch_size: int,
     compute: Callable[[Tensor, Any], dict[str, Tensor]],
     shapes: dict[str, tuple[int, ...]],
+    pack: bool = False,
 ) -> dict[str, Tensor]:
-    """``compute(output, micro_batch)`` over the whole ``batch`` on ``role``'s layout (see the module
-    docstring); every rank returns ``[len(batch), *shapes[key]]`` float32 tensors."""
+    """``compute(output_rows, rows)`` over the whole ``batch`` on ``role``'s layout (see the module
+    docstring), in micro-batches of ``micro_batch_size`` rows or (``pack``) packed without padding; every
+    rank returns ``[len(batch), *shapes[key]]`` float32 tensors."""
     from c2f_megatron.platform.distributed import device
 
     layout = role.layout
     local = batch.dp_shard(layout.dp_rank, layout.dp)
     fwd = partial(model_forward, loss_func=partial(_collect, compute))
     outputs = role.forward_only(
-        fwd, local.split(micro_batch_size), _seq_length(role, batch), micro_batch_size
+        fwd, local.micro_batches(micro_batch_size, pack), _seq_length(role, batch), micro_batch_size
     )
     result: dict[str, Tensor] = {}
     for key, row_shape in shapes.items():
@@ -115,11 +131,17 @@ def forward_rows(
 
 
 def train_rows(
-    role: RoleModel, batch: RowBatch, micro_batch_size: int, loss_func: Callable, loss_key: str
+    role: RoleModel,
+    batch: RowBatch,
+    micro_batch_size: int,
+    loss_func: Callable,
+    loss_key: str,
+    pack: bool = False,
 ) -> Any:
     """One optimizer step of ``role`` on a minibatch every rank holds: its data-parallel slice in
-    micro-batches, ``loss_func(micro_batch, output)`` returning the loop's ``(loss, count, metrics)``."""
-    micro = batch.dp_shard(role.layout.dp_rank, role.layout.dp).split(micro_batch_size)
+    micro-batches (as ``forward_rows``), ``loss_func(rows, output_rows)`` returning the loop's
+    ``(loss, count, metrics)``."""
+    micro = batch.dp_shard(role.layout.dp_rank, role.layout.dp).micro_batches(micro_batch_size, pack)
     fwd = partial(model_forward, loss_func=loss_func)
     return role.train_step(fwd, micro, _seq_length(role, batch), micro_batch_size, loss_key=loss_key)
 

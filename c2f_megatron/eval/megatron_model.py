@@ -80,29 +80,33 @@ class MegatronLM(TokenLM):
         stop: Sequence[str] = (),
     ) -> list[list[int]]:
         """Each prompt's response ids, EOS included when the model stopped (a row that produced a stop
-        string ends there too); prompts keep their last ``max_length - max_new_tokens`` tokens. Batch
-        ``k`` samples with seed ``seed + k``."""
-        from c2f_megatron.generation.rollout import fine_generation_config, generate
+        string ends there too); prompts keep their last ``max_length - max_new_tokens`` tokens. Up to
+        ``batch_size`` prompts decode at once, continuously batched (a finished row's slot takes the next
+        prompt); prompt ``i`` samples from its own generator seeded by ``seed`` and ``i``."""
+        from c2f_megatron.generation.continuous import generate_continuous
+        from c2f_megatron.generation.rollout import fine_generation_config
 
         if max_new_tokens >= self.max_length:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in {self.max_length} positions")
+        if not prompts:
+            return []
         keep = self.max_length - max_new_tokens
-        stop_when = StopStrings(self.tokenizer, stop) if stop else None
-        out: list[list[int]] = []
-        for k, rows in enumerate(batches(len(prompts), self.batch_size)):
-            gen_cfg = fine_generation_config(
-                self.tokenizer.eos_id,
-                self.tokenizer.pad_id,
-                max_new_tokens,
-                **dataclasses.asdict(sampling),
-                seed=self.seed + k,
-            )
-            batch = [list(prompts[i])[-keep:] for i in rows]
-            result = generate(
-                self.chunk, self.role.layout, batch, gen_cfg, self.tokenizer.vocab_size, stop_when=stop_when
-            )
-            out += result.response_ids()
-        return out
+        gen_cfg = fine_generation_config(
+            self.tokenizer.eos_id,
+            self.tokenizer.pad_id,
+            max_new_tokens,
+            **dataclasses.asdict(sampling),
+            seed=self.seed,
+        )
+        return generate_continuous(
+            self.chunk,
+            self.role.layout,
+            [list(p)[-keep:] for p in prompts],
+            gen_cfg,
+            self.tokenizer.vocab_size,
+            max_batch=self.batch_size,
+            stop_when=StopStrings(self.tokenizer, stop) if stop else None,
+        )
 
 
 class RewardScorer:

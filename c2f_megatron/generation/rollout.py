@@ -3,11 +3,13 @@
 The PPO actor's rollouts and every evaluation's generations run here. Why not megatron's
 ``StaticInferenceEngine`` / ``TextGenerationController``: its static batch pads prompts on the *right* and
 overwrites the pad slots token by token, has no hook to suppress ids at every step (the coarse actor must
-never emit EOS), and treats top-k and top-p as exclusive. So we drive the model with megatron's own
-pieces instead: ``GPTInferenceWrapper.run_one_forward_step`` (the forward with its
-``StaticInferenceContext`` KV cache, logits gathered over TP, activations sent between pipeline stages,
-over the layout's own process groups) and the sampled tokens broadcast from the layout's last stage
-(``engine.rows.share_from_last_stage``); sampling is ``generation.sampling``.
+never emit EOS), and treats top-k and top-p as exclusive; its ``StaticInferenceContext`` also re-applies
+RoPE to the whole key cache at every step. So generation runs on ``generation.decode.KVDecoder`` (the
+model's own modules, a post-RoPE KV cache, one token per row per step, activations sent between pipeline
+stages over the layout's own process groups) and the sampled tokens are broadcast from the layout's last
+stage (``engine.rows.share_from_last_stage``); sampling is ``generation.sampling``. Fine-mode generation
+with continuous batching (finished rows leave, queued prompts take their cache rows) is
+``generation.continuous``.
 
 Layout and positions (the PPO trainer must use the same for its log-prob forward): ``RolloutBatch.tokens``
 is ``[left pad | prompt | response | right pad]`` with the prompt block ``P`` wide. RoPE positions are the
@@ -19,9 +21,9 @@ at slot ``P + j - 1``, the logits the sampler used for response token ``j``.
 Parallel layout (a ``RoleLayout``, megatron's global one or a role's own): every TP rank holds the gathered
 logits and the same seeded generator, so all draw the same token; TP rank 0's token is broadcast anyway so
 the ranks cannot drift. With PP the last stage samples and broadcasts tokens and log-probs to the other
-stages. Interleaved (virtual) pipelines, sequence
-parallelism and the Transformer Engine attention (it ignores an explicit padding mask under a causal mask
-type) are refused.
+stages. Sequence parallelism is turned off while decoding (``generation_mode``). Interleaved (virtual)
+pipelines, the Transformer Engine attention (it ignores an explicit padding mask under a causal mask type)
+and what ``decode.check_decodable`` lists are refused.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from c2f_megatron.engine.rows import share_from_last_stage
+from c2f_megatron.generation.decode import KVDecoder
 from c2f_megatron.generation.sampling import process_logits, sample_tokens
 from c2f_megatron.platform.role_layout import RoleLayout
 
@@ -186,38 +189,6 @@ def _strip_trailing(ids: list[int], drop: set[int]) -> list[int]:
     return list(ids[:end])
 
 
-def _make_wrapper(model: torch.nn.Module, layout: RoleLayout, batch: int, max_len: int, padded_vocab: int):
-    """megatron's GPT inference wrapper over a fresh static KV cache for ``batch`` x ``max_len``."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
-        GPTInferenceWrapper,
-    )
-    from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
-        InferenceWrapperConfig,
-    )
-    from megatron.core.utils import get_model_config
-
-    config = get_model_config(model)
-    wrapper_config = InferenceWrapperConfig(
-        hidden_size=config.hidden_size,
-        params_dtype=config.params_dtype,
-        inference_batch_times_seqlen_threshold=-1,  # whole batch per stage: no micro-batching
-        padded_vocab_size=padded_vocab,
-        inference_max_requests=batch,
-        inference_max_seq_length=max_len,
-    )
-    context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
-    wrapper = GPTInferenceWrapper(model, wrapper_config, context, pg_collection=layout.pg_collection)
-    wrapper.prep_model_for_inference()  # eval mode, cache offsets reset
-    return wrapper
-
-
-def _padded_vocab_size(model: torch.nn.Module) -> int:
-    from megatron.core.utils import get_attr_wrapped_model
-
-    return int(get_attr_wrapped_model(model, "vocab_size"))
-
-
 def _sampling_generator(
     seed: int,
     device: torch.device,
@@ -288,29 +259,57 @@ def generate(
     the tokens only, so that every rank returns the same. ``row_seeds``: one generator per row with that
     seed (instead of ``gen_cfg.seed``), so a request's draws do not depend on the rows beside it.
     """
-    _check_supported(model)
-    with _without_sequence_parallel(model):
+    prompts = check_prompts(model, prompts, gen_cfg, true_vocab_size)
+    with generation_mode(model):
         return _generate(
             model, layout, prompts, gen_cfg, true_vocab_size, row_offset, stop_when, on_step, row_seeds
         )
 
 
+def check_prompts(
+    model: torch.nn.Module, prompts: list[list[int]], gen_cfg: GenerationConfig, true_vocab_size: int
+) -> list[list[int]]:
+    """The prompts with trailing stop and suppressed ids stripped; refuses a model generation cannot run
+    on, an empty prompt, ids outside the vocabulary, or a prompt too long for ``max_new_tokens``."""
+    _check_supported(model)
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    drop = set(gen_cfg.suppress_ids) | set(gen_cfg.stop_ids)
+    prompts = [_strip_trailing(list(p), drop) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty (after stripping trailing stop/suppressed ids)")
+        if min(p) < 0 or max(p) >= true_vocab_size:
+            raise ValueError(f"prompt {i} has ids outside [0, {true_vocab_size})")
+    width, new = max(len(p) for p in prompts), gen_cfg.max_new_tokens
+    if width + new > _max_sequence_length(model):
+        raise ValueError(
+            f"longest prompt ({width}) + max_new_tokens ({new}) = {width + new} exceeds the model's "
+            f"max_position_embeddings ({_max_sequence_length(model)})"
+        )
+    return prompts
+
+
 @contextlib.contextmanager
-def _without_sequence_parallel(model: torch.nn.Module):
-    """Sequence parallelism off for the block: a decode step has one token, which cannot split over TP
-    (megatron's inference turns it off the same way, ``set_model_to_sequence_parallel``)."""
+def generation_mode(model: torch.nn.Module):
+    """The model in eval mode with sequence parallelism off for the block, both restored after: a decode
+    step has one token, which cannot split over TP (megatron's inference turns SP off the same way,
+    ``set_model_to_sequence_parallel``)."""
     from megatron.core.utils import get_model_config
 
-    if not get_model_config(model).sequence_parallel:
-        yield
-        return
-    from megatron.core.transformer.utils import set_model_to_sequence_parallel
+    was_training = model.training
+    sequence_parallel = get_model_config(model).sequence_parallel
+    model.eval()
+    if sequence_parallel:
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-    set_model_to_sequence_parallel(model, False)
+        set_model_to_sequence_parallel(model, False)
     try:
         yield
     finally:
-        set_model_to_sequence_parallel(model, True)
+        if sequence_parallel:
+            set_model_to_sequence_parallel(model, True)
+        model.train(was_training)
 
 
 def _generate(
@@ -324,34 +323,18 @@ def _generate(
     on_step: Callable[[StepTokens], Iterable[int]] | None,
     row_seeds: list[int] | None,
 ) -> RolloutBatch:
-    if not prompts:
-        raise ValueError("generate() needs at least one prompt")
-    drop = set(gen_cfg.suppress_ids) | set(gen_cfg.stop_ids)
-    prompts = [_strip_trailing(list(p), drop) for p in prompts]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty (after stripping trailing stop/suppressed ids)")
-        if min(p) < 0 or max(p) >= true_vocab_size:
-            raise ValueError(f"prompt {i} has ids outside [0, {true_vocab_size})")
     device = next(model.parameters()).device
     b, width, new = len(prompts), max(len(p) for p in prompts), gen_cfg.max_new_tokens
     total = width + new
-    if total > _max_sequence_length(model):
-        raise ValueError(
-            f"longest prompt ({width}) + max_new_tokens ({new}) = {total} exceeds the model's "
-            f"max_position_embeddings ({_max_sequence_length(model)})"
-        )
 
     prompt_tokens, prompt_mask = _left_pad(prompts, gen_cfg.pad_id, width, device)
     tokens = torch.full((b, total), gen_cfg.pad_id, dtype=torch.long, device=device)
     tokens[:, :width] = prompt_tokens
-    key_is_pad = torch.zeros((b, total), dtype=torch.bool, device=device)
-    key_is_pad[:, :width] = ~prompt_mask
-    positions = torch.arange(total, device=device).unsqueeze(0).expand(b, total)
+    key_ok = torch.zeros((b, total), dtype=torch.bool, device=device)  # slots holding real tokens so far
+    key_ok[:, :width] = prompt_mask
     stop_ids = torch.tensor(gen_cfg.stop_ids, dtype=torch.long, device=device)
 
-    was_training = model.training
-    wrapper = _make_wrapper(model, layout, b, total, _padded_vocab_size(model))
+    decoder = KVDecoder(model, layout, b, total)
     generator = _sampling_generator(gen_cfg.seed, device, b, row_offset, layout.dp_rank, row_seeds)
     k_top = gen_cfg.top_logprobs
     message_rows = 2 if k_top is None else 3 + 2 * k_top
@@ -360,63 +343,57 @@ def _generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, new), dtype=torch.float32, device=device)
-    start, end = 0, width  # prefill the whole prompt block, then one slot per step
-    try:
-        for step in range(new):
-            logits = wrapper.run_one_forward_step(
-                {
-                    "tokens": tokens[:, start:end],
-                    "position_ids": positions[:, start:end],
-                    "attention_mask": padded_causal_mask(key_is_pad, start, end),
-                }
+    slot = torch.zeros(b, dtype=torch.long, device=device)
+    start, end = 0, width  # prefill the prompts, then one slot per step
+    for step in range(new):
+        if step == 0:  # the prompts packed, without their left padding
+            logits = decoder.prefill(prompts, list(range(b)), [width - len(p) for p in prompts])
+        else:
+            logits = decoder.decode(tokens[:, start], slot.fill_(start), key_ok)
+        sampled = None
+        if last_stage:
+            processed = process_logits(
+                logits,
+                true_vocab_size,
+                gen_cfg.suppress_ids,
+                gen_cfg.temperature,
+                gen_cfg.top_k,
+                gen_cfg.top_p,
+                gen_cfg.greedy,
             )
-            sampled = None
-            if last_stage:
-                processed = process_logits(
-                    logits[:, -1, :],
-                    true_vocab_size,
-                    gen_cfg.suppress_ids,
-                    gen_cfg.temperature,
-                    gen_cfg.top_k,
-                    gen_cfg.top_p,
-                    gen_cfg.greedy,
-                )
-                next_tokens, next_logprobs = sample_tokens(processed, gen_cfg.greedy, generator)
-                # one float64 message per step: token ids (< 2**53, exact) and their log-probs
-                parts = [next_tokens.double()[None], next_logprobs.double()[None]]
-                if k_top is not None:
-                    raw = torch.log_softmax(logits[:, -1, :true_vocab_size].double(), dim=-1)
-                    top = raw.topk(k_top, dim=-1)
-                    parts += [raw.gather(-1, next_tokens[:, None]).T, top.indices.double().T, top.values.T]
-                sampled = torch.cat(parts)
-            sampled = share_from_last_stage(sampled, [message_rows, b], torch.float64, layout, over_tp=True)
-            next_tokens, next_logprobs = sampled[0].long(), sampled[1].float()
+            next_tokens, next_logprobs = sample_tokens(processed, gen_cfg.greedy, generator)
+            # one float64 message per step: token ids (< 2**53, exact) and their log-probs
+            parts = [next_tokens.double()[None], next_logprobs.double()[None]]
+            if k_top is not None:
+                raw = torch.log_softmax(logits[:, :true_vocab_size].double(), dim=-1)
+                top = raw.topk(k_top, dim=-1)
+                parts += [raw.gather(-1, next_tokens[:, None]).T, top.indices.double().T, top.values.T]
+            sampled = torch.cat(parts)
+        sampled = share_from_last_stage(sampled, [message_rows, b], torch.float64, layout, over_tp=True)
+        next_tokens, next_logprobs = sampled[0].long(), sampled[1].float()
 
-            active = ~done
-            tokens[:, end] = torch.where(active, next_tokens, gen_cfg.pad_id)
-            logprobs[:, step] = torch.where(active, next_logprobs, 0.0)
-            lengths += active.long()
-            done |= active & torch.isin(next_tokens, stop_ids)
-            if stop_when is not None:
-                recent = tokens[:, max(width, end + 1 - STOP_WINDOW) : end + 1].tolist()
-                for i in (~done).nonzero().flatten().tolist():
-                    if stop_when(recent[i]):
-                        done[i] = True
-            if on_step is not None:
-                report = StepTokens(step, tokens[:, end].tolist(), active.tolist())
-                if k_top is not None:
-                    report.logprobs = sampled[2].tolist()
-                    report.top_ids = sampled[3 : 3 + k_top].T.long().tolist()
-                    report.top_logprobs = sampled[3 + k_top :].T.tolist()
-                for i in on_step(report):
+        active = ~done
+        tokens[:, end] = torch.where(active, next_tokens, gen_cfg.pad_id)
+        logprobs[:, step] = torch.where(active, next_logprobs, 0.0)
+        lengths += active.long()
+        done |= active & torch.isin(next_tokens, stop_ids)
+        if stop_when is not None:
+            recent = tokens[:, max(width, end + 1 - STOP_WINDOW) : end + 1].tolist()
+            for i in (~done).nonzero().flatten().tolist():
+                if stop_when(recent[i]):
                     done[i] = True
-            if step == 0:
-                wrapper.inference_context.enable_decode_mode()
-            start, end = end, end + 1
-            if bool(done.all()):
-                break
-    finally:
-        model.train(was_training)
+        if on_step is not None:
+            report = StepTokens(step, tokens[:, end].tolist(), active.tolist())
+            if k_top is not None:
+                report.logprobs = sampled[2].tolist()
+                report.top_ids = sampled[3 : 3 + k_top].T.long().tolist()
+                report.top_logprobs = sampled[3 + k_top :].T.tolist()
+            for i in on_step(report):
+                done[i] = True
+        start, end = end, end + 1
+        key_ok[:, start] = True  # the token just sampled is the next step's input
+        if bool(done.all()):
+            break
 
     steps = torch.arange(new, device=device)
     response_mask = steps[None, :] < lengths[:, None]

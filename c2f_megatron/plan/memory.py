@@ -181,8 +181,8 @@ def logits_bytes(seq: int, batch: int, padded_vocab: int, tp: int, dtype_bytes: 
 def kv_cache_bytes(
     layers: int, kv_heads: int, head_dim: int, tp: int, batch: int, max_tokens: int, dtype_bytes: int = 2
 ) -> float:
-    """megatron's ``StaticInferenceContext``: a key and a value buffer per layer of
-    ``[max_tokens, batch, kv_heads / tp, head_dim]``."""
+    """The generation KV cache (``generation.decode.KVDecoder``): a key and a value buffer per layer of
+    ``[batch, kv_heads / tp, max_tokens, head_dim]``."""
     return 2 * layers * max_tokens * batch * (kv_heads // tp) * head_dim * dtype_bytes
 
 

@@ -109,7 +109,11 @@ class RewardSection:
 class PPOConfig:
     """Batch geometry in sequences: ``rollout_batch_size`` prompts per iteration and ``mini_batch_size`` rows
     per optimizer step (both over all data-parallel ranks), ``micro_batch_size`` rows per forward per rank.
-    Responses cut at the length limit are trained on (GAE treats the cut as the end of the episode)."""
+    Responses cut at the length limit are trained on (GAE treats the cut as the end of the episode).
+
+    ``pack_sequences``: scoring and updates run on rows packed without their padding (verl's
+    remove-padding), micro-batches of at most the tokens ``micro_batch_size`` padded rows would hold, on
+    every role whose layout has one pipeline stage and the sdpa or local spec (the others stay padded)."""
 
     iterations: int = 100
     rollout_batch_size: int = 64
@@ -125,6 +129,7 @@ class PPOConfig:
     kl_estimator: Literal["k1", "k3"] = "k3"
     seed: int = 0  # rollout sampling, minibatch shuffling and prompt order
     max_consecutive_nonfinite: int = 3  # iterations in a row with a skipped (non-finite) update: stop
+    pack_sequences: bool = True
 
     def __post_init__(self) -> None:
         for name in (

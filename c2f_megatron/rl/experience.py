@@ -67,9 +67,13 @@ class Experience:
     def response_lengths(self) -> Tensor:
         return self.response_mask.long().sum(-1)
 
+    def sequence_mask(self) -> Tensor:
+        """[b, P+R] bool: real (prompt or response) tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
     def attention_mask(self) -> Tensor:
         """[b, 1, S, S] bool (True = masked): causal plus padding keys, as during the rollout."""
-        return padded_causal_mask(~torch.cat([self.prompt_mask, self.response_mask], dim=1))
+        return padded_causal_mask(~self.sequence_mask())
 
     def select(self, rows: Tensor) -> Experience:
         return Experience(**{k: None if v is None else v[rows] for k, v in self._fields().items()})
@@ -89,6 +93,43 @@ class Experience:
             raise ValueError(f"{len(self)} rows do not split into micro-batches of {size}")
         return [self.select(torch.arange(i, i + size)) for i in range(0, len(self), size)]
 
+    # ------------------------------------------------------------------ as a model micro-batch
+    @property
+    def rows(self) -> Experience:
+        """The rows the per-row math reads (``engine.rows``' micro-batch protocol)."""
+        return self
+
+    def model_inputs(self) -> tuple[Tensor, Tensor]:
+        """What the model runs on: the padded rows and their mask."""
+        return self.tokens, self.attention_mask()
+
+    def output_rows(self, output: Tensor) -> Tensor:
+        """``[b, R + 1, ...]`` of a model output ``[b, P + R, ...]``: column ``j`` is slot ``P + j - 1``, the
+        output before response token ``j`` (column ``R``: at the last slot). A view."""
+        p, r = self.prompt_width, self.response_width
+        return output[:, p - 1 : p + r]
+
+    def micro_batches(self, rows: int, pack: bool = False, max_tokens: int | None = None) -> list:
+        """The forward's micro-batches: ``split(rows)``, or with ``pack`` consecutive rows packed without
+        their padding into sequences of at most ``max_tokens`` real tokens (default ``rows`` x the padded
+        width, the tokens one padded micro-batch holds); a row longer than that is a micro-batch alone."""
+        if not pack:
+            return self.split(rows)
+        budget = max_tokens or rows * self.tokens.shape[1]
+        real = self.sequence_lengths().tolist()
+        out, start, used = [], 0, 0
+        for i, n in enumerate(real):
+            if i > start and used + n > budget:
+                out.append(PackedRows.of(self.select(torch.arange(start, i))))
+                start, used = i, 0
+            used += n
+        out.append(PackedRows.of(self.select(torch.arange(start, len(self)))))
+        return out
+
+    def sequence_lengths(self) -> Tensor:
+        """[b] real tokens per row (prompt and response)."""
+        return self.prompt_mask.long().sum(-1) + self.response_lengths
+
     def _fields(self) -> dict[str, Tensor | None]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -96,6 +137,53 @@ class Experience:
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
             raise ValueError(f"experience is missing {missing}; run the workers that fill them first")
+
+
+@dataclass
+class PackedRows:
+    """Rows of an ``Experience`` packed into one sequence without padding (verl's remove-padding): each
+    row's real tokens one after the other, attending causally within their own row only (a block-diagonal
+    mask, which the sdpa and local specs apply; TE would need ``PackedSeqParams``). RoPE is relative, so a
+    row's shift in the sequence changes its log-probs and values by float rounding only.
+
+    ``tokens`` [1, N]; ``segment`` [N]: the row of each token; ``window`` [b, R + 1]: the packed index of
+    each row's slots ``P - 1 .. P + R - 1`` (``Experience.output_rows``), slots past a row's end read its
+    last token (masked by ``response_mask`` wherever they are used).
+    """
+
+    rows: Experience
+    tokens: Tensor
+    segment: Tensor
+    window: Tensor
+
+    @classmethod
+    def of(cls, rows: Experience) -> PackedRows:
+        real = rows.sequence_mask()
+        lengths = real.long().sum(-1)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        first_slot = rows.prompt_width - rows.prompt_mask.long().sum(-1)  # slot of each row's first token
+        slots = rows.prompt_width - 1 + torch.arange(rows.response_width + 1, device=rows.tokens.device)
+        within = (slots[None, :] - first_slot[:, None]).clamp(max=(lengths - 1)[:, None])
+        return cls(
+            rows=rows,
+            tokens=rows.tokens[real][None, :],
+            segment=torch.repeat_interleave(torch.arange(len(rows), device=rows.tokens.device), lengths),
+            window=offsets[:, None] + within,
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def model_inputs(self) -> tuple[Tensor, Tensor]:
+        """The packed sequence and its mask [1, 1, N, N] (True = masked): causal within each row."""
+        n = self.segment.shape[0]
+        index = torch.arange(n, device=self.segment.device)
+        allowed = (self.segment[:, None] == self.segment[None, :]) & (index[None, :] <= index[:, None])
+        return self.tokens, ~allowed[None, None]
+
+    def output_rows(self, output: Tensor) -> Tensor:
+        """``[b, R + 1, ...]`` of the packed output ``[1, N, ...]``, as ``Experience.output_rows``."""
+        return output[0, self.window]
 
 
 def _pad(x: Tensor, left: int, right: int, value: float | int | bool) -> Tensor:

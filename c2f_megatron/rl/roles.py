@@ -15,6 +15,7 @@ geometry is checked against each role's data-parallel size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from c2f_megatron.checkpoint.megatron_dir import CheckpointError, CheckpointMetadata, read_metadata
@@ -103,6 +104,15 @@ def _resolve(path: str | None, role: str, field: str, tokenizer: dict | None) ->
     return ckpt
 
 
+def _packs(wanted: bool, role: RoleModel) -> bool:
+    """Padding-free micro-batches for ``role`` when asked for and its layout allows them: one pipeline
+    stage (stages exchange activations of one fixed sequence length) and a spec that applies the packed
+    block-diagonal mask (sdpa or local; TE would need ``PackedSeqParams``)."""
+    from c2f_megatron.models.specs import resolve_layer_spec
+
+    return wanted and role.layout.pp == 1 and resolve_layer_spec(role.model_cfg.layer_spec) != "te"
+
+
 def build_workers(cfg: PPOJobConfig) -> Workers:
     """Every role on its layout, in its worker, and the prompt stream."""
     if cfg.reward.kind == "model" and not cfg.reward.path:
@@ -118,6 +128,7 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
     stops = [source.eos_id, *cfg.generation.extra_stop_ids]
     suppressed = stops if cfg.generation.suppress_eos else []
     mbs, temp = cfg.ppo.micro_batch_size, cfg.generation.temperature
+    packs = partial(_packs, cfg.ppo.pack_sequences)
 
     actor = _role(cfg, "actor", "gpt", actor_ckpt, layouts.actor, trained=True)
     if layouts.reference.is_global:  # same layout: copy the actor's initial shards
@@ -157,7 +168,7 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
         if not cfg.reward.normalize:
             mean = std = None
         rm = RoleModel.from_checkpoint("reward", "value", rm_ckpt, layouts.reward, offload=cfg.offload_frozen)
-        reward = RewardModelWorker(rm, mbs, mean, std)
+        reward = RewardModelWorker(rm, mbs, mean, std, packs(rm))
     else:
         reward = TokenFrequencyReward(cfg.reward.target_token)
 
@@ -167,9 +178,9 @@ def build_workers(cfg: PPOJobConfig) -> Workers:
 
     provenance = {"trainer": "coarse-actor", "actor_init": cfg.actor.init_from, "reward": str(rm_ckpt or "")}
     return Workers(
-        actor=ActorWorker(actor, source.vocab_size, suppressed, temp, mbs),
-        critic=CriticWorker(critic, mbs),
-        reference=ReferenceWorker(reference, source.vocab_size, suppressed, temp, mbs),
+        actor=ActorWorker(actor, source.vocab_size, suppressed, temp, mbs, packs(actor)),
+        critic=CriticWorker(critic, mbs, packs(critic)),
+        reference=ReferenceWorker(reference, source.vocab_size, suppressed, temp, mbs, packs(reference)),
         reward=reward,
         actor_meta=actor.metadata(source.tokenizer, provenance),
         critic_meta=critic.metadata(source.tokenizer, provenance),

@@ -67,14 +67,15 @@ def response_logprobs(
     with_entropy: bool = False,
     with_eos_mass: bool = False,
 ) -> dict[str, Tensor]:
-    """From full-sequence logits ``[b, P+R, V/tp]`` sharded over ``layout``'s TP group, ``[b, R]`` each:
+    """From the logits of a micro-batch's rows (``Experience.output_rows``: ``[b, R + 1, V/tp]``, column
+    ``j`` before response token ``j``) sharded over ``layout``'s TP group, ``[b, R]`` each:
     ``logprobs`` of the response tokens (0 on padding); with ``with_entropy`` the sampling distribution's
     ``entropy`` (unmasked); with ``with_eos_mass`` and ids suppressed, ``eos_mass`` (0 on padding): the
     probability the distribution before suppression (same temperature) puts on the suppressed ids."""
     p, r = mb.prompt_width, mb.response_width
     start = layout.tp_rank * logits.shape[-1]
     group = layout.tp_group if layout.tp > 1 else None
-    raw = logits[:, p - 1 : p + r - 1]
+    raw = logits[:, :r]
     z = policy_logits(raw, true_vocab_size, suppressed, temperature, start)
     labels = mb.tokens[:, p : p + r]
     # Padding after a response may hold a suppressed id (e.g. pad == EOS): read a harmless label there.
@@ -100,15 +101,14 @@ def _first_allowed_id(true_vocab_size: int, suppressed: Sequence[int]) -> int:
 
 
 def response_values(values: Tensor, mb: Experience) -> Tensor:
-    """The critic's value of the state before each response token: slot ``P + j - 1``, ``[b, R]``."""
-    p, r = mb.prompt_width, mb.response_width
-    return torch.where(mb.response_mask, values[:, p - 1 : p + r - 1, 0].float(), 0.0)
+    """The critic's value of the state before each response token (``values``: the rows' output,
+    ``[b, R + 1, 1]``), ``[b, R]``."""
+    return torch.where(mb.response_mask, values[:, : mb.response_width, 0].float(), 0.0)
 
 
 def last_generated_values(values: Tensor, mb: Experience) -> Tensor:
-    """A value model's output at each row's last generated token, ``[b]``."""
-    index = mb.prompt_width + mb.response_lengths - 1
-    return values[:, :, 0].float().gather(1, index.view(-1, 1)).squeeze(1)
+    """A value model's output at each row's last generated token (column ``len`` of the rows' output), ``[b]``."""
+    return values[:, :, 0].float().gather(1, mb.response_lengths.view(-1, 1)).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -125,12 +125,14 @@ class PolicyScorer:
         suppressed: Sequence[int],
         temperature: float,
         micro_batch_size: int,
+        pack: bool = False,
     ):
         self.role = role
         self.true_vocab_size = true_vocab_size
         self.suppressed = list(suppressed)
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
+        self.pack = pack  # padding-free micro-batches (``Experience.micro_batches``)
 
     @property
     def layout(self) -> RoleLayout:
@@ -169,7 +171,7 @@ class ActorWorker(PolicyScorer):
         id is suppressed (plain PPO)."""
         r = exp.response_width
         shapes = {"logprobs": (r,), "entropy": (r,)} | ({"eos_mass": (r,)} if self.suppressed else {})
-        out = forward_rows(self.role, exp, self.micro_batch_size, self._logprobs, shapes)
+        out = forward_rows(self.role, exp, self.micro_batch_size, self._logprobs, shapes, self.pack)
         return out["logprobs"], out["entropy"], out.get("eos_mass")
 
     def _loss(self, clip_eps: float, mb: Experience, output: Tensor):
@@ -187,7 +189,7 @@ class ActorWorker(PolicyScorer):
     def update(self, mini: Experience, clip_eps: float) -> StepResult:
         """One optimizer step on the minibatch ``mini`` (all its rows, the same on every rank)."""
         loss = partial(self._loss, clip_eps)
-        return train_rows(self.role, mini, self.micro_batch_size, loss, "pg_loss")
+        return train_rows(self.role, mini, self.micro_batch_size, loss, "pg_loss", self.pack)
 
 
 class ReferenceWorker(PolicyScorer):
@@ -198,23 +200,26 @@ class ReferenceWorker(PolicyScorer):
 
     def compute_log_probs(self, exp: Experience) -> Tensor:
         shapes = {"logprobs": (exp.response_width,)}
-        return forward_rows(self.role, exp, self.micro_batch_size, self._logprobs, shapes)["logprobs"]
+        return forward_rows(self.role, exp, self.micro_batch_size, self._logprobs, shapes, self.pack)[
+            "logprobs"
+        ]
 
 
 class CriticWorker:
     """The value model, on its own layout: values of the states before each response token,
     clipped-value-loss updates."""
 
-    def __init__(self, role: RoleModel, micro_batch_size: int):
+    def __init__(self, role: RoleModel, micro_batch_size: int, pack: bool = False):
         self.role = role
         self.micro_batch_size = micro_batch_size
+        self.pack = pack
 
     def compute_values(self, exp: Experience) -> Tensor:
         def compute(output: Tensor, mb: Experience) -> dict[str, Tensor]:
             return {"values": response_values(output, mb)}
 
         shapes = {"values": (exp.response_width,)}
-        return forward_rows(self.role, exp, self.micro_batch_size, compute, shapes)["values"]
+        return forward_rows(self.role, exp, self.micro_batch_size, compute, shapes, self.pack)["values"]
 
     def _loss(self, value_clip: float | None, mb: Experience, output: Tensor):
         values = response_values(output, mb)
@@ -229,7 +234,7 @@ class CriticWorker:
     def update(self, mini: Experience, value_clip: float | None) -> StepResult:
         """One optimizer step on the minibatch ``mini`` (all its rows, the same on every rank)."""
         loss = partial(self._loss, value_clip)
-        return train_rows(self.role, mini, self.micro_batch_size, loss, "vf_loss")
+        return train_rows(self.role, mini, self.micro_batch_size, loss, "vf_loss", self.pack)
 
 
 class RewardFunction(Protocol):
@@ -245,16 +250,24 @@ class RewardModelWorker:
     """A frozen reward model (value checkpoint) read at the last generated token. ``mean``/``std`` are the
     RM's eval statistics from its checkpoint metadata (for normalisation), when it has them."""
 
-    def __init__(self, role: RoleModel, micro_batch_size: int, mean: float | None, std: float | None):
+    def __init__(
+        self,
+        role: RoleModel,
+        micro_batch_size: int,
+        mean: float | None,
+        std: float | None,
+        pack: bool = False,
+    ):
         self.role = role
         self.micro_batch_size = micro_batch_size
         self.mean, self.std = mean, std
+        self.pack = pack
 
     def score(self, exp: Experience) -> Tensor:
         def compute(output: Tensor, mb: Experience) -> dict[str, Tensor]:
             return {"score": last_generated_values(output, mb)}
 
-        return forward_rows(self.role, exp, self.micro_batch_size, compute, {"score": ()})["score"]
+        return forward_rows(self.role, exp, self.micro_batch_size, compute, {"score": ()}, self.pack)["score"]
 
 
 class TokenFrequencyReward:

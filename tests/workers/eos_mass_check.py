@@ -16,8 +16,12 @@ def main() -> None:
     width = logits.shape[-1] // world
     local = logits[..., rank * width : (rank + 1) * width].clone()
     tp = layout(tp=world, rank=rank, group=dist.group.WORLD)
-    out = response_logprobs(local, mb, tp, TRUE_VOCAB, SUPPRESSED, 0.7, with_entropy=True, with_eos_mass=True)
-    single = response_logprobs(logits, mb, layout(), TRUE_VOCAB, SUPPRESSED, 0.7, with_entropy=True)
+    out = response_logprobs(
+        mb.output_rows(local), mb, tp, TRUE_VOCAB, SUPPRESSED, 0.7, with_entropy=True, with_eos_mass=True
+    )
+    single = response_logprobs(
+        mb.output_rows(logits), mb, layout(), TRUE_VOCAB, SUPPRESSED, 0.7, with_entropy=True
+    )
     expected = reference(logits, mb, 0.7)
     valid = mb.response_mask
     assert torch.allclose(out["eos_mass"], expected, atol=1e-6, rtol=1e-5), (

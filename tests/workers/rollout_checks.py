@@ -18,6 +18,7 @@ import json
 
 import torch
 
+from c2f_megatron.generation.continuous import generate_continuous
 from c2f_megatron.generation.rollout import GenerationConfig, generate, padded_causal_mask
 from c2f_megatron.generation.sampling import process_logits
 from c2f_megatron.models import ModelConfig, build_gpt_model
@@ -174,6 +175,22 @@ def main() -> None:
         out["window_greedy_equal"] = bool(
             torch.equal(wbatch.responses, recompute_greedy(windowed, wbatch, greedy.max_new_tokens, padded))
         )
+
+    # Continuous batching: 7 prompts through 3 cache rows, a stop id ending some rows early (their slots
+    # take the next prompts): every response equals its prompt generated alone; samples do not depend on
+    # how many rows decode at once.
+    many = make_prompts([5, 9, 3, 12, 7, 4, 10], seed=3)
+    fine_cfg = dataclasses.replace(
+        greedy, stop_ids=[int(generate(model, layout, many, greedy, VOCAB).responses[0, 3])]
+    )
+    continuous = generate_continuous(model, layout, many, fine_cfg, VOCAB, max_batch=3)
+    alone = [generate(model, layout, [p], fine_cfg, VOCAB).response_ids()[0] for p in many]
+    out["continuous_equal_alone"] = continuous == alone
+    out["continuous_lengths"] = [len(r) for r in continuous]
+    drawn = dataclasses.replace(fine_cfg, greedy=False, temperature=1.0, top_k=20, seed=4)
+    out["continuous_sampling_batch_free"] = generate_continuous(
+        model, layout, many, drawn, VOCAB, max_batch=2
+    ) == generate_continuous(model, layout, many, drawn, VOCAB, max_batch=7)
 
     if args.pp == 1:
         # Fine mode: stop at the token row 0 produced at step 3; rows end at their first occurrence of it.
