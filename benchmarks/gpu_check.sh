@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check: one command, about 8 minutes on one GPU (H100/H200 class). Prints, in order:
+# The GPU check: one command, about 10 minutes on one GPU (H100/H200 class). Prints, in order:
 #   1. the tests that need CUDA (tests/test_cuda.py: the plan's bytes against a real bf16 CUDA step);
 #   2. bf16 train-step tokens/s and MFU of mistral-1b (~1.3B, Mistral shape) on the sdpa spec, and on TE
 #      when transformer_engine imports;
-#   3. rollout tokens/s of mistral-1b against HF generate and against the bandwidth bound;
+#   3. rollout tokens/s of mistral-1b against HF generate and against the bandwidth bound, eager and with
+#      the decode step replayed from a CUDA graph (with the CUDA-graph rollout tests), and of SmolLM2;
 #   4. `c2f plan`'s predicted peak for one PPO iteration of a ~1B config against torch.cuda.max_memory_allocated.
 # Each part has its own time limit, and a failing part does not stop the rest; the exit code is the number
 # of parts that failed.
@@ -35,6 +36,10 @@ else
 fi
 part "rollout" 90 python benchmarks/rollout.py --preset mistral-1b --dtype bf16 --batch 16 --prompt 128 --new 256 \
   --peak-bandwidth "$PEAK_BW"
+part "CUDA-graph decode tests" 120 python -m pytest -q tests/test_rollout.py -k "cuda_graph or tp1"
+part "rollout, CUDA graph" 90 python benchmarks/rollout.py --preset mistral-1b --dtype bf16 --batch 16 --prompt 128 \
+  --new 256 --cuda-graph --peak-bandwidth "$PEAK_BW"
+part "rollout, SmolLM2 fp32, CUDA graph" 90 python benchmarks/rollout.py --cuda-graph --peak-bandwidth "$PEAK_BW"
 part "plan vs measured, PPO ~1B" 120 python benchmarks/plan_vs_measured.py examples/coarse_actor_cpu.yaml \
   model.preset=mistral-1b model.overrides.layer_spec=sdpa reward.kind=token_frequency data.source=synthetic \
   length.kind=fixed length.fixed_length=512 ppo.rollout_batch_size=16 ppo.mini_batch_size=8 ppo.micro_batch_size=4 \

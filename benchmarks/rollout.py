@@ -87,13 +87,16 @@ def load(args):
     return role.module, role.model_cfg, prompts, tokenizer.eos_id, hf
 
 
-def ours(model, cfg, prompts, eos: int, new: int, repeats: int):
+def ours(model, cfg, prompts, eos: int, new: int, repeats: int, cuda_graph: bool = False):
     """(responses [b][new], seconds) of our rollout, greedy, EOS suppressed."""
     from c2f_megatron.generation.rollout import GenerationConfig, generate
     from c2f_megatron.platform.role_layout import global_layout
 
-    gen = GenerationConfig(max_new_tokens=new, greedy=True, suppress_ids=[eos], pad_id=eos)
-    generate(model, global_layout(), prompts, GenerationConfig(2, greedy=True), cfg.vocab_size)  # warm-up
+    gen = GenerationConfig(
+        max_new_tokens=new, greedy=True, suppress_ids=[eos], pad_id=eos, cuda_graph=cuda_graph
+    )
+    warm = GenerationConfig(2, greedy=True, cuda_graph=cuda_graph)
+    generate(model, global_layout(), prompts, warm, cfg.vocab_size)  # warm-up
     batch, seconds = timed(lambda: generate(model, global_layout(), prompts, gen, cfg.vocab_size), repeats)
     return batch.responses.cpu().tolist(), seconds
 
@@ -138,6 +141,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="--preset only")
     parser.add_argument("--work-dir", default=None, help="where SmolLM2 is converted (default: a temp dir)")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="GPU: decode steps replayed from a CUDA graph"
+    )
     parser.add_argument("--before", default=None, help="a checkout of the code to compare against")
     parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)  # the --before child
     parser.add_argument(
@@ -149,7 +155,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.work_dir = args.work_dir or tmp
         model, cfg, prompts, eos, hf = load(args)
-        mine, t_ours = ours(model, cfg, prompts, eos, args.new, args.repeats)
+        mine, t_ours = ours(model, cfg, prompts, eos, args.new, args.repeats, args.cuda_graph)
         if args.ours_only:
             emit({"responses": mine, "seconds": t_ours, "source": source_of_c2f()})
             return

@@ -65,6 +65,26 @@ def test_continuous_batching_equals_prompts_generated_alone(
     assert out["continuous_sampling_batch_free"], f"{layout}: a sample depends on max_batch"
 
 
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_packed_decode_gemms_equal_the_modules_products(layout: str, request: pytest.FixtureRequest) -> None:
+    out = request.getfixturevalue(layout)
+    check = out["packed_gemm"]
+    if out["device"] == "cpu":  # fp32 on CPU: on by default; on GPU the modules' own GEMMs run
+        assert check["available"] and check["default_on"], f"{layout}: CPU fp32 decoding without packed GEMMs"
+    assert check["gap"] < 1e-5, f"{layout}: packed GEMM logits differ by {check['gap']:.2e} (relative)"
+    assert check["restored"], f"{layout}: a layer's linear module is still shadowed after decoding"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("layout", ["tp1", "tp2"])
+def test_cuda_graph_decode_equals_eager(layout: str, request: pytest.FixtureRequest) -> None:
+    out = request.getfixturevalue(layout)
+    assert out["device"] == "cuda", f"{layout}: the worker ran on {out['device']} although a GPU is visible"
+    assert out["cuda_graph_greedy_equal"], f"{layout}: CUDA-graph greedy rollout differs from eager"
+    assert out["cuda_graph_sampled_equal"], f"{layout}: CUDA-graph sampled rollout differs from eager"
+    assert out["cuda_graph_continuous_equal"], f"{layout}: CUDA-graph continuous batching differs"
+
+
 def test_left_padded_rows_equal_prompts_generated_alone(tp1: dict, tp2: dict) -> None:
     assert tp1["per_prompt_equal"] and tp2["per_prompt_equal"]
 
@@ -78,6 +98,8 @@ def test_generate_restores_train_mode_and_refuses_bad_input(tp1: dict) -> None:
     assert tp1["train_mode_restored"]
     # model chunk list (VPP), prompt + new tokens too long, id outside the vocab, empty prompt
     assert tp1["refusals"] == [True, True, True, True]
+    if tp1["device"] == "cpu":
+        assert tp1["cuda_graph_refused"], "generation.cuda_graph on a CPU model was not refused in one line"
 
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2"])

@@ -8,11 +8,13 @@ and the slices are gathered back over data parallel, so every rank returns the r
 A batch is anything with ``tokens`` ([b, s]), ``dp_shard(rank, size)``, ``micro_batches(rows, pack)``
 and ``len`` (``rl.experience.Experience``). A micro-batch gives the model its inputs (``model_inputs()``:
 padded rows, or rows packed without padding) and maps the model's output back to its rows
-(``output_rows(output)``), which the per-row math (``compute``, ``loss_func``) reads with ``rows``.
+(``output_rows(output)``), which the per-row math (``compute``, ``loss_func``) reads with ``rows``. The
+output layer runs only on the positions the per-row math reads (``output_positions()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from c2f_megatron.checkpoint.megatron_dir import unwrap_model
 from c2f_megatron.engine.role_model import RoleModel
 from c2f_megatron.platform.role_layout import RoleLayout
 
@@ -31,7 +34,9 @@ class MicroBatch(Protocol):
 
     def model_inputs(self) -> tuple[Tensor, Tensor]: ...  # tokens [m, s] and their attention mask
 
-    def output_rows(self, output: Tensor) -> Tensor: ...  # the output the per-row math reads
+    def output_positions(self) -> Tensor: ...  # the sequence positions whose output is read
+
+    def output_rows(self, output: Tensor, selected: bool = False) -> Tensor: ...  # the output per row
 
 
 class RowBatch(Protocol):
@@ -87,13 +92,38 @@ def model_forward(data_iterator: Any, model: torch.nn.Module, loss_func: Callabl
     if extra:  # sequence parallelism splits the sequence over TP: pad at the end (causal: nobody sees it)
         tokens = torch.nn.functional.pad(tokens, (0, extra))
         mask = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=True)
-    output = model(tokens, position_ids_for(tokens), mask)
-    return output, partial(_on_rows, loss_func, mb, width)
+    gpt = unwrap_model(model)
+    keep = mb.output_positions() if gpt.post_process and not gpt.config.sequence_parallel else None
+    with _output_layer_reads(gpt, keep):
+        output = model(tokens, position_ids_for(tokens), mask)
+    return output, partial(_on_rows, loss_func, mb, width, keep is not None)
 
 
-def _on_rows(loss_func: Callable, mb: MicroBatch, width: int, output: Tensor):
-    """``loss_func(rows, their output)``: the micro-batch's rows and the model output mapped onto them."""
-    return loss_func(mb.rows, mb.output_rows(output[:, :width]))
+@contextlib.contextmanager
+def _output_layer_reads(gpt: torch.nn.Module, positions: Tensor | None):
+    """While the block runs, the output layer (vocabulary projection or value head) of ``gpt`` (the last
+    stage) gets only the hidden states at ``positions`` of the sequence ([s, b, h] -> [len(positions), b,
+    h]), so the model's output holds only those: nobody reads the logits of prompt tokens, and the output
+    layer of a tied-vocabulary model such as SmolLM2 is a fifth of its forward. None: all positions."""
+    if positions is None:
+        yield
+        return
+
+    def select(_module, args):
+        return (args[0].index_select(0, positions), *args[1:])
+
+    handle = gpt.output_layer.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _on_rows(loss_func: Callable, mb: MicroBatch, width: int, selected: bool, output: Tensor):
+    """``loss_func(rows, their output)``: the micro-batch's rows and the model output mapped onto them
+    (``selected``: the output holds the micro-batch's ``output_positions()`` only)."""
+    out = output if selected else output[:, :width]
+    return loss_func(mb.rows, mb.output_rows(out, selected))
 
 
 def _collect(compute: Callable[[Tensor, Any], dict[str, Tensor]], rows: Any, output: Tensor):

@@ -58,7 +58,7 @@ class _Scheduler:
         self.device = next(model.parameters()).device
         rows = min(max_batch, len(prompts))
         slots = max(len(p) for p in prompts) + gen_cfg.max_new_tokens
-        self.decoder = KVDecoder(model, layout, rows, slots)
+        self.decoder = KVDecoder(model, layout, rows, slots, cuda_graph=gen_cfg.cuda_graph)
         self.key_ok = torch.zeros((rows, slots), dtype=torch.bool, device=self.device)
         self.stop_ids = set(gen_cfg.stop_ids)
         self.generators = [

@@ -17,12 +17,29 @@ without padding (block-diagonal causal attention), each into its own cache row f
 left-padded rollout batch, or the prompts that take freed rows in continuous batching. ``decode`` runs one
 token per row, each at its own slot, over the cache slots ``key_ok`` marks real.
 
+GEMMs of a decode step (CPU, fp32): a decode step multiplies a few rows of hidden states by every weight,
+where MKL's plain sgemm (``F.linear``) reaches a third of what oneDNN reaches on weights reordered once into
+its blocked layout. So on CPU the decoder reorders each linear layer's weight and the output layer's once
+(``PackedLinear``, an extra copy of the weights for the decoder's lifetime) and a decode step runs the
+layers' own forward code with those GEMMs in place of the modules' (``_packed_gemms``). The products are
+the same dot products summed in another order: logits differ from the training forward's by float
+rounding. On GPU the modules' own GEMMs run (cuBLAS).
+
+CUDA graphs (``cuda_graph=True``, GPU, one pipeline stage): the decoder records one decode step over
+all its cache slots into a CUDA graph when it is built (static token, slot and ``key_ok`` buffers; a
+warm-up on a side stream first, as ``torch.cuda.graphs`` requires; its cache writes cleared after), and
+each ``decode`` copies its inputs into the buffers and replays the graph, so a step costs one launch
+instead of a few hundred. Megatron's engine captures one graph per batch size; a decoder has one batch
+size. The TP collectives are recorded with the rest (NCCL supports capture).
+
 Supported: the ``sdpa`` and ``local`` specs (dense MLP, self-attention with RoPE or no position embedding,
 a sliding window that looks back only, no query-key layer scaling), any TP, PP over the layout's pipeline group (hidden states
 sent stage to stage), sequence parallelism off (``rollout.generate`` turns it off while it decodes).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +102,89 @@ def _layer_window(config, layer_number: int) -> int | None:
     return int(config.window_size[0])
 
 
+def packed_gemm_available(model: torch.nn.Module) -> bool:
+    """Whether decode steps of ``model`` can use oneDNN's packed GEMMs: fp32 weights on CPU and a torch
+    build with oneDNN."""
+    weight = next(model.parameters())
+    return (
+        weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    )
+
+
+class PackedLinear(torch.nn.Module):
+    """A megatron ``ColumnParallelLinear`` / ``RowParallelLinear`` forward (no sequence parallelism, a
+    column layer's output kept sharded, a row layer's input already sharded) whose GEMM is oneDNN's on the
+    weight reordered once for ``rows`` rows of input (``of``); the same return value ``(output, output
+    bias)`` and TP all-reduce after a row-parallel product. Inference only (no autograd). A module only
+    because megatron's layers call their linears through ``apply_module``; it holds no parameters."""
+
+    def __init__(self, weight: Tensor, rows: int):
+        super().__init__()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+        self.row_parallel = False
+        self.bias, self.skip_bias_add, self.tp_group, self.tp = None, False, None, 1
+
+    @classmethod
+    def of(cls, linear: torch.nn.Module, rows: int) -> PackedLinear:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        packed = cls(linear.weight, rows)
+        if isinstance(linear, RowParallelLinear):
+            assert linear.input_is_parallel and not linear.sequence_parallel
+            packed.row_parallel = True
+        else:
+            assert isinstance(linear, ColumnParallelLinear), type(linear).__name__
+            assert not linear.gather_output and not linear.sequence_parallel
+        packed.bias = None if linear.bias is None else linear.bias.detach()
+        packed.skip_bias_add = linear.skip_bias_add
+        packed.tp_group = linear.tp_group
+        packed.tp = linear.tp_group.size() if linear.tp_group is not None else 1
+        return packed
+
+    def product(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``x @ weight.T (+ bias)`` over the last dimension of ``x``."""
+        flat = x.reshape(-1, x.shape[-1])
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+        bias = None if self.skip_bias_add else self.bias
+        if not self.row_parallel:
+            return self.product(x, bias), (self.bias if self.skip_bias_add else None)
+        out = self.product(x)
+        if self.tp > 1:
+            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        if bias is not None:
+            out = out + bias
+        return out, (self.bias if self.skip_bias_add else None)
+
+
+# The linear layers a decode step runs through ``PackedLinear``: (owner in a layer, attribute).
+_GEMMS = (
+    ("self_attention", "linear_qkv"),
+    ("self_attention", "linear_proj"),
+    ("mlp", "linear_fc1"),
+    ("mlp", "linear_fc2"),
+)
+
+
 class KVDecoder:
     """A model chunk's KV-cached forward over ``batch`` cache rows of ``slots`` slots each (see the module
     docstring). Holds the cache; build one per generation call."""
 
-    def __init__(self, model: torch.nn.Module, layout: RoleLayout, batch: int, slots: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layout: RoleLayout,
+        batch: int,
+        slots: int,
+        packed: bool | None = None,
+        cuda_graph: bool = False,
+    ):
         self.gpt = gpt_module(model)
         check_decodable(self.gpt)
         self.layout = layout
@@ -113,6 +208,26 @@ class KVDecoder:
         self.windows = [_layer_window(self.config, layer.layer_number) for layer in self.layers]
         self.hidden_size = self.config.hidden_size
         self.fusion = self.config.bias_dropout_fusion
+        # decode-step GEMMs on weights packed once (see the module docstring); None: where available
+        if packed is None:
+            packed = packed_gemm_available(model)
+        self.packed: list[dict[str, PackedLinear]] | None = None
+        self.packed_output: PackedLinear | None = None
+        if packed:
+            self.packed = [
+                {name: PackedLinear.of(getattr(getattr(layer, owner), name), batch) for owner, name in _GEMMS}
+                for layer in self.layers
+            ]
+            if self.layout.is_last_stage:
+                self.packed_output = PackedLinear(self._output_weight(), batch)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if cuda_graph:
+            if device.type != "cuda" or layout.pp > 1:
+                raise ValueError(
+                    f"generation.cuda_graph needs a CUDA device and one pipeline stage "
+                    f"(model on {device.type}, {layout.pp} stages)"
+                )
+            self._capture()
 
     # ------------------------------------------------------------------ pipeline stages
     def _recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -165,18 +280,69 @@ class KVDecoder:
     def decode(self, tokens: Tensor, slots: Tensor, key_ok: Tensor) -> Tensor | None:
         """One token per cache row: ``tokens`` [batch] at slots ``slots`` [batch]; attends to the slots
         ``key_ok`` [batch, slots] marks (the caller marks the slots written now and none after a row's
-        newest token). The gathered logits [batch, padded vocab] on the last stage, None on the others."""
-        end = int(slots.max()) + 1
+        newest token). The gathered logits [batch, padded vocab] on the last stage, None on the others;
+        with a CUDA graph, the graph's output buffer (valid until the next ``decode``)."""
+        if self.graph is not None:
+            for buffer, value in zip(self.graph_inputs, (tokens, slots, key_ok)):
+                buffer.copy_(value)
+            self.graph.replay()
+            return self.graph_logits
+        return self._decode(tokens, slots, key_ok, int(slots.max()) + 1)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """Record ``_decode`` over all cache slots into ``self.graph`` (see the module docstring)."""
+        b, dev = self.batch, self.device
+        tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        slots = torch.zeros(b, dtype=torch.long, device=dev)
+        key_ok = torch.zeros(b, self.slots, dtype=torch.bool, device=dev)
+        key_ok[:, 0] = True  # the warm-up attends to the slot it writes: finite values in the cache
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode(tokens, slots, key_ok, self.slots)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._decode(tokens, slots, key_ok, self.slots)
+        for cache in (*self.keys, *self.values):
+            cache.zero_()
+        self.graph, self.graph_inputs, self.graph_logits = graph, (tokens, slots, key_ok), logits
+
+    def _decode(self, tokens: Tensor, slots: Tensor, key_ok: Tensor, end: int) -> Tensor | None:
+        """``decode`` attending to cache slots ``0:end`` (no host synchronisation: graph-capturable)."""
         allowed = key_ok[:, None, None, :end]  # a view: no per-step mask
         masks = {None: allowed}
         for w in set(self.windows) - {None}:
             keys = torch.arange(end, device=self.device)
             masks[w] = allowed & (keys[None, None, None, :] >= slots[:, None, None, None] - w)
         rows = torch.arange(self.batch, device=self.device)
-        hidden = self._run(tokens[:, None], slots[:, None], slots[None, :], (rows, slots), masks, end)
+        with self._packed_gemms():
+            hidden = self._run(tokens[:, None], slots[:, None], slots[None, :], (rows, slots), masks, end)
         if hidden is None:
             return None
-        return self._logits(self.gpt.decoder.final_layernorm(hidden[0])).contiguous()
+        return self._logits(self.gpt.decoder.final_layernorm(hidden[0]), self.packed_output).contiguous()
+
+    @contextlib.contextmanager
+    def _packed_gemms(self):
+        """The layers' linear modules answered by their ``PackedLinear`` while the block runs: set in each
+        owner's instance ``__dict__``, which attribute lookup reads before ``nn.Module``'s registry, so
+        the modules, their parameters and state dicts are untouched; removed again on exit."""
+        if self.packed is None:
+            yield
+            return
+        shadowed = []
+        try:
+            for layer, packed in zip(self.layers, self.packed):
+                for owner, name in _GEMMS:
+                    module = getattr(layer, owner)
+                    module.__dict__[name] = packed[name]
+                    shadowed.append((module, name))
+            yield
+        finally:
+            for module, name in shadowed:
+                module.__dict__.pop(name, None)
 
     def _run(self, tokens, positions, rope_slots, write, masks, end) -> Tensor | None:
         """The layers of this stage on ``tokens`` [b, s] (embedded on the first stage, received from the
@@ -197,18 +363,25 @@ class KVDecoder:
             return None
         return hidden
 
-    def _logits(self, last: Tensor) -> Tensor:
-        """The output layer's product, gathered over TP: [r, h] -> [r, padded vocab]. Done in vocab slices
-        of ``LOGIT_SLICE`` rows of the weight: each logit is the same dot product as in one matmul (bitwise
-        the same on CPU), and at a few rows of hidden states the slices run 1.5x faster there."""
+    def _output_weight(self) -> Tensor:
+        """The output layer's weight (the embedding's, when tied)."""
+        if self.gpt.share_embeddings_and_output_weights:
+            return self.gpt.shared_embedding_or_output_weight()
+        return self.gpt.output_layer.weight
+
+    def _logits(self, last: Tensor, packed: PackedLinear | None = None) -> Tensor:
+        """The output layer's product, gathered over TP: [r, h] -> [r, padded vocab]; with ``packed``, its
+        packed GEMM. Otherwise done in vocab slices of ``LOGIT_SLICE`` rows of the weight: each logit is
+        the same dot product as in one matmul (bitwise the same on CPU), and at a few rows of hidden
+        states the slices run 1.5x faster there."""
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
         layer = self.gpt.output_layer
-        if self.gpt.share_embeddings_and_output_weights:
-            weight = self.gpt.shared_embedding_or_output_weight()
+        if packed is not None:
+            local = packed.product(last)
         else:
-            weight = layer.weight
-        local = torch.cat([torch.matmul(last, w.t()) for w in weight.split(LOGIT_SLICE)], dim=-1)
+            weight = self._output_weight()
+            local = torch.cat([torch.matmul(last, w.t()) for w in weight.split(LOGIT_SLICE)], dim=-1)
         if layer.bias is not None:
             local = local + layer.bias
         if self.layout.tp > 1:

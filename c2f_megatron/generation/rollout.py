@@ -65,6 +65,8 @@ class GenerationConfig:
     # None: no report; k >= 0: ``on_step`` also gets each sampled token's log-prob under the model's own
     # distribution (before temperature and filters) and the k most likely ids with theirs (OpenAI logprobs)
     top_logprobs: int | None = None
+    # GPU: replay each decode step from a CUDA graph (``decode.KVDecoder``); one pipeline stage only
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -334,7 +336,7 @@ def _generate(
     key_ok[:, :width] = prompt_mask
     stop_ids = torch.tensor(gen_cfg.stop_ids, dtype=torch.long, device=device)
 
-    decoder = KVDecoder(model, layout, b, total)
+    decoder = KVDecoder(model, layout, b, total, cuda_graph=gen_cfg.cuda_graph)
     generator = _sampling_generator(gen_cfg.seed, device, b, row_offset, layout.dp_rank, row_seeds)
     k_top = gen_cfg.top_logprobs
     message_rows = 2 if k_top is None else 3 + 2 * k_top

@@ -172,13 +172,16 @@ class GenerationSection:
     """Sampling for rollouts. Coarse mode (``suppress_eos: true``, the Coarse Actor): EOS and
     ``extra_stop_ids`` are suppressed (never sampled), so every response runs to the length controller's
     limit. ``suppress_eos: false`` is ordinary PPO (the paper's Plus baseline): sampling EOS or a stop id ends
-    a response, which includes it. ``max_new_tokens`` comes from ``length`` each iteration."""
+    a response, which includes it. ``max_new_tokens`` comes from ``length`` each iteration.
+    ``cuda_graph``: GPU rollouts replay each decode step from a CUDA graph (the actor on one pipeline
+    stage)."""
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     suppress_eos: bool = True
     extra_stop_ids: list[int] = field(default_factory=list)
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

@@ -103,9 +103,17 @@ class Experience:
         """What the model runs on: the padded rows and their mask."""
         return self.tokens, self.attention_mask()
 
-    def output_rows(self, output: Tensor) -> Tensor:
-        """``[b, R + 1, ...]`` of a model output ``[b, P + R, ...]``: column ``j`` is slot ``P + j - 1``, the
-        output before response token ``j`` (column ``R``: at the last slot). A view."""
+    def output_positions(self) -> Tensor:
+        """The sequence positions whose output the per-row math reads: slots ``P - 1 .. P + R - 1``."""
+        p, r = self.prompt_width, self.response_width
+        return torch.arange(p - 1, p + r, device=self.tokens.device)
+
+    def output_rows(self, output: Tensor, selected: bool = False) -> Tensor:
+        """``[b, R + 1, ...]`` of a model output ``[b, P + R, ...]`` (or, ``selected``, of the output at
+        ``output_positions()`` only): column ``j`` is slot ``P + j - 1``, the output before response token
+        ``j`` (column ``R``: at the last slot). A view."""
+        if selected:
+            return output
         p, r = self.prompt_width, self.response_width
         return output[:, p - 1 : p + r]
 
@@ -181,8 +189,15 @@ class PackedRows:
         allowed = (self.segment[:, None] == self.segment[None, :]) & (index[None, :] <= index[:, None])
         return self.tokens, ~allowed[None, None]
 
-    def output_rows(self, output: Tensor) -> Tensor:
-        """``[b, R + 1, ...]`` of the packed output ``[1, N, ...]``, as ``Experience.output_rows``."""
+    def output_positions(self) -> Tensor:
+        """The packed positions whose output the per-row math reads (``window``, row by row)."""
+        return self.window.flatten()
+
+    def output_rows(self, output: Tensor, selected: bool = False) -> Tensor:
+        """``[b, R + 1, ...]`` of the packed output ``[1, N, ...]`` (or, ``selected``, of the output at
+        ``output_positions()`` only), as ``Experience.output_rows``."""
+        if selected:
+            return output[0].view(*self.window.shape, *output.shape[2:])
         return output[0, self.window]
 
 

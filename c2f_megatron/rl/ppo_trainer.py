@@ -120,6 +120,7 @@ def make_experience(
         stop_ids=[] if cfg.generation.suppress_eos else [w.source.eos_id, *cfg.generation.extra_stop_ids],
         pad_id=w.source.pad_id,
         seed=cfg.ppo.seed * 1_000_003 + iteration,
+        cuda_graph=cfg.generation.cuda_graph,
     )
     with timer.phase("rollout"):
         local = Experience.from_rollout(w.actor.generate(prompts, gen, row_offset))

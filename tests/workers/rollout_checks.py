@@ -105,6 +105,41 @@ def trainer_logprob_gap(model, batch) -> tuple[float, bool]:
     return gap, argmax_ok
 
 
+@torch.no_grad()
+def packed_gemm_check(model, layout, prompts: list[list[int]]) -> dict[str, object]:
+    """Decode steps with the GEMMs on packed weights (``PackedLinear``) against the modules' own: the
+    largest logit difference over 4 steps relative to the largest logit, whether packing is on by default
+    here, and whether the modules are back in place afterwards (nothing left shadowing them)."""
+    from c2f_megatron.generation.decode import _GEMMS, KVDecoder, packed_gemm_available
+
+    b, width = len(prompts), max(map(len, prompts))
+    slots = width + 4
+    starts = [width - len(p) for p in prompts]
+    key_ok = torch.zeros(b, slots, dtype=torch.bool)
+    for i, st in enumerate(starts):
+        key_ok[i, st:width] = True
+    decoders = [KVDecoder(model, layout, b, slots, packed=flag) for flag in (True, False)]
+    logits = [d.prefill(prompts, list(range(b)), starts) for d in decoders]
+    gap, scale = 0.0, 0.0
+    tokens = torch.arange(10, 10 + b)
+    for step in range(4):
+        key_ok[:, width + step] = True
+        slot = torch.full((b,), width + step, dtype=torch.long)
+        logits = [d.decode(tokens, slot, key_ok) for d in decoders]
+        if logits[0] is not None:
+            gap = max(gap, float((logits[0] - logits[1]).abs().max()))
+            scale = max(scale, float(logits[1].abs().max()))
+        tokens = tokens + 1
+    layer = decoders[0].layers[0]
+    restored = all(name not in getattr(layer, owner).__dict__ for owner, name in _GEMMS)
+    return {
+        "gap": gap / max(scale, 1e-30) if logits[0] is not None else 0.0,
+        "default_on": KVDecoder(model, layout, b, slots).packed is not None,
+        "available": packed_gemm_available(model),
+        "restored": restored,
+    }
+
+
 def refuses(call, message: str) -> bool:
     """True when ``call`` raises a ValueError mentioning ``message``."""
     try:
@@ -175,6 +210,27 @@ def main() -> None:
         out["window_greedy_equal"] = bool(
             torch.equal(wbatch.responses, recompute_greedy(windowed, wbatch, greedy.max_new_tokens, padded))
         )
+
+    out["packed_gemm"] = packed_gemm_check(model, layout, prompts)
+    out["device"] = next(model.parameters()).device.type
+    if out["device"] == "cpu" and solo:
+        graphed = dataclasses.replace(greedy, cuda_graph=True)
+        out["cuda_graph_refused"] = refuses(
+            lambda: generate(model, layout, prompts, graphed, VOCAB), "cuda_graph"
+        )
+    if out["device"] == "cuda" and args.pp == 1:
+        # CUDA-graph decode steps against eager ones: greedy and seeded sampling, plain and continuous
+        graphed = dataclasses.replace(greedy, cuda_graph=True)
+        out["cuda_graph_greedy_equal"] = bool(
+            torch.equal(generate(model, layout, prompts, graphed, VOCAB).responses, batch.responses)
+        )
+        drawn = dataclasses.replace(greedy, greedy=False, temperature=1.0, top_k=20, seed=6)
+        eager = generate(model, layout, prompts, drawn, VOCAB).responses
+        replayed = generate(model, layout, prompts, dataclasses.replace(drawn, cuda_graph=True), VOCAB)
+        out["cuda_graph_sampled_equal"] = bool(torch.equal(eager, replayed.responses))
+        out["cuda_graph_continuous_equal"] = generate_continuous(
+            model, layout, prompts, graphed, VOCAB, max_batch=2
+        ) == generate_continuous(model, layout, prompts, greedy, VOCAB, max_batch=2)
 
     # Continuous batching: 7 prompts through 3 cache rows, a stop id ending some rows early (their slots
     # take the next prompts): every response equals its prompt generated alone; samples do not depend on
