@@ -47,7 +47,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64, help="rollout length limit (max_new_tokens)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument(
-        "--iterations", type=int, default=2, help="the first one is warm-up; the last is reported"
+        "--iterations",
+        type=int,
+        default=2,
+        help="the first warms up; the others are summed, the last one's metrics compared",
     )
     parser.add_argument("--before", default=None, help="a checkout of the code to compare against")
     parser.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)  # the --before child
@@ -96,7 +99,7 @@ def main() -> None:
     w = build_workers(cfg)
     dp_size, dp_rank = w.actor.layout.dp, w.actor.layout.dp_rank
     length = args.length if not args.config else cfg.length.cm.initial_length
-    report = {}
+    report, measured = {}, {}
     for it in range(args.iterations):
         prompts, offset = iteration_prompts(
             w.source, it, cfg.ppo.rollout_batch_size, cfg.ppo.seed, dp_rank, dp_size
@@ -136,14 +139,25 @@ def main() -> None:
         }
         if is_rank_zero():
             print(json.dumps(report), flush=True)
+        if it > 0 or args.iterations == 1:  # the first one warms up
+            for k, v in t.items():
+                measured[k] = measured.get(k, 0.0) + v
+    # the iterations after the warm-up, summed (the same prompts and work for both checkouts)
+    total = sum(measured.values())
+    report = {
+        "iterations": max(args.iterations - 1, 1),
+        "total_s": round(total, 3),
+        **{f"{k}_s": round(v, 3) for k, v in measured.items()},
+        **{f"{k}_pct": round(100 * v / total, 1) for k, v in measured.items()},
+    }
     if args.ours_only:
         if is_rank_zero():
             emit({"report": report, "metrics": metrics})
         return
     if is_rank_zero():
         print(
-            f"one PPO iteration ({cfg.ppo.rollout_batch_size} prompts x {length} new tokens; "
-            f"{w.layouts.describe()}): {report['total_s']} s = "
+            f"{report['iterations']} PPO iteration(s) after the warm-up ({cfg.ppo.rollout_batch_size} prompts x "
+            f"{length} new tokens; {w.layouts.describe()}): {report['total_s']} s = "
             + ", ".join(f"{k} {report[k + '_pct']}%" for k in t)
         )
     if args.before and is_rank_zero():

@@ -220,7 +220,7 @@ def test_padding_free_micro_batches_leave_ppo_unchanged(
 ) -> None:
     """The baseline packs its rows without padding (``ppo.pack_sequences``, the default); the same run on
     padded micro-batches has the same metrics over 3 iterations (log-probs and values differ by float
-    rounding only: RoPE is relative, and the block-diagonal mask hides the other rows)."""
+    rounding only: RoPE is relative, and each packed row attends to itself only)."""
     run_dir = tmp_path / "padded"
     cfg = write_config(tmp_path / "padded.yaml", run_dir, TWO_LAYERS)
     run_python("ppo_cli.py", _args(cfg, init_ckpt, 3, "ppo.pack_sequences=false"))

@@ -15,6 +15,7 @@ output layer runs only on the positions the per-row math reads (``output_positio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -32,7 +33,8 @@ class MicroBatch(Protocol):
 
     def __len__(self) -> int: ...
 
-    def model_inputs(self) -> tuple[Tensor, Tensor]: ...  # tokens [m, s] and their attention mask
+    # tokens [m, s], their attention mask, or (packed rows) None and megatron's PackedSeqParams (THD)
+    def model_inputs(self) -> tuple[Tensor, Tensor | None, Any]: ...
 
     def output_positions(self) -> Tensor: ...  # the sequence positions whose output is read
 
@@ -86,17 +88,30 @@ def model_forward(data_iterator: Any, model: torch.nn.Module, loss_func: Callabl
     from c2f_megatron.models.gpt import position_ids_for
 
     mb = next(data_iterator)
-    tokens, mask = mb.model_inputs()
+    tokens, mask, packed = mb.model_inputs()
     width = tokens.shape[1]
     extra = _sp_padding(model.config, width)
     if extra:  # sequence parallelism splits the sequence over TP: pad at the end (causal: nobody sees it)
         tokens = torch.nn.functional.pad(tokens, (0, extra))
-        mask = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=True)
+        if packed is None:
+            mask = torch.nn.functional.pad(mask, (0, extra, 0, extra), value=True)
+        else:  # the padding is one more sequence of the pack
+            packed = _with_padding_sequence(packed, width + extra)
     gpt = unwrap_model(model)
     keep = mb.output_positions() if gpt.post_process and not gpt.config.sequence_parallel else None
     with _output_layer_reads(gpt, keep):
-        output = model(tokens, position_ids_for(tokens), mask)
+        output = model(tokens, position_ids_for(tokens), mask, packed_seq_params=packed)
     return output, partial(_on_rows, loss_func, mb, width, keep is not None)
+
+
+def _with_padding_sequence(packed: Any, total: int) -> Any:
+    """``packed`` (PackedSeqParams) with the tokens from its end to ``total`` as one more sequence."""
+    cu = packed.cu_seqlens_q
+    cu = torch.cat([cu, torch.tensor([total], dtype=cu.dtype, device=cu.device)])
+    longest = max(packed.max_seqlen_q, total - int(packed.cu_seqlens_q[-1]))
+    return dataclasses.replace(
+        packed, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
 
 
 @contextlib.contextmanager

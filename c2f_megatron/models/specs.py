@@ -122,12 +122,10 @@ def _sdpa_attention_class():
             attention_bias: Optional[Tensor] = None,
             packed_seq_params=None,
         ) -> Tensor:
-            if packed_seq_params is not None:
-                raise ValueError(
-                    "packed sequences need the TE spec; use a block-diagonal attention_mask instead"
-                )
             if attention_bias is not None:
                 raise ValueError("attention_bias is not supported by the SDPA spec")
+            if packed_seq_params is not None:
+                return self._packed(query, key, value, packed_seq_params)
             sq, b = query.shape[0], query.shape[1]
             sk = key.shape[0]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
@@ -172,6 +170,39 @@ def _sdpa_attention_class():
                     enable_gqa=gqa,
                 )
             return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+        def _packed(self, query: Tensor, key: Tensor, value: Tensor, params) -> Tensor:
+            """megatron's THD format (``PackedSeqParams``, what TE's attention takes): ``query`` [t, heads,
+            d] holds sequences one after the other at ``cu_seqlens_q``; each attends causally (and within
+            its window) to its own tokens only, one SDPA call per sequence, so no [t, t] mask is built and
+            the causal kernel skips what lies above the diagonal. Returns [t, hidden / tp]."""
+            if params.qkv_format != "thd":
+                raise ValueError(
+                    f"the SDPA spec takes packed sequences in 'thd' format, not {params.qkv_format!r}"
+                )
+            if params.cu_seqlens_kv is not None and not torch.equal(
+                params.cu_seqlens_kv, params.cu_seqlens_q
+            ):
+                raise ValueError("the SDPA spec packs self-attention only (cu_seqlens_kv == cu_seqlens_q)")
+            if self.training and self.attention_dropout.p > 0:
+                raise ValueError("the SDPA spec's packed sequences do not support attention dropout")
+            bounds = params.cu_seqlens_q.tolist()
+            gqa = query.shape[1] != key.shape[1]
+            outs = []
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))  # [1, h, l, d]
+                allowed = self._mask(None, end - start, end - start, q.device)
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=allowed,
+                    is_causal=allowed is None,
+                    scale=self.softmax_scale,
+                    enable_gqa=gqa,
+                )
+                outs.append(out[0].transpose(0, 1))  # [l, h, d]
+            return torch.cat(outs).reshape(query.shape[0], self.hidden_size_per_partition)
 
     return SDPADotProductAttention
 

@@ -112,8 +112,9 @@ class PPOConfig:
     Responses cut at the length limit are trained on (GAE treats the cut as the end of the episode).
 
     ``pack_sequences``: scoring and updates run on rows packed without their padding (verl's
-    remove-padding), micro-batches of at most the tokens ``micro_batch_size`` padded rows would hold, on
-    every role whose layout has one pipeline stage and the sdpa or local spec (the others stay padded)."""
+    remove-padding, megatron's THD ``PackedSeqParams``), micro-batches of at most the tokens
+    ``micro_batch_size`` padded rows would hold, on every role whose layout has one pipeline stage and the
+    sdpa spec (the others stay padded)."""
 
     iterations: int = 100
     rollout_batch_size: int = 64

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -25,6 +26,9 @@ from c2f_megatron.engine.rows import gather_rows
 from c2f_megatron.generation.rollout import RolloutBatch, padded_causal_mask
 from c2f_megatron.platform.role_layout import RoleLayout
 from c2f_megatron.rl import core_algos
+
+if TYPE_CHECKING:
+    from megatron.core.packed_seq_params import PackedSeqParams
 
 
 @dataclass
@@ -99,9 +103,9 @@ class Experience:
         """The rows the per-row math reads (``engine.rows``' micro-batch protocol)."""
         return self
 
-    def model_inputs(self) -> tuple[Tensor, Tensor]:
-        """What the model runs on: the padded rows and their mask."""
-        return self.tokens, self.attention_mask()
+    def model_inputs(self) -> tuple[Tensor, Tensor, None]:
+        """What the model runs on: the padded rows, their mask, no packed-sequence parameters."""
+        return self.tokens, self.attention_mask(), None
 
     def output_positions(self) -> Tensor:
         """The sequence positions whose output the per-row math reads: slots ``P - 1 .. P + R - 1``."""
@@ -150,9 +154,9 @@ class Experience:
 @dataclass
 class PackedRows:
     """Rows of an ``Experience`` packed into one sequence without padding (verl's remove-padding): each
-    row's real tokens one after the other, attending causally within their own row only (a block-diagonal
-    mask, which the sdpa and local specs apply; TE would need ``PackedSeqParams``). RoPE is relative, so a
-    row's shift in the sequence changes its log-probs and values by float rounding only.
+    row's real tokens one after the other, in megatron's THD format (``PackedSeqParams``: each row attends
+    causally within itself, its RoPE positions start at 0). RoPE is relative, so the positions' shift
+    against the padded layout changes log-probs and values by float rounding only.
 
     ``tokens`` [1, N]; ``segment`` [N]: the row of each token; ``window`` [b, R + 1]: the packed index of
     each row's slots ``P - 1 .. P + R - 1`` (``Experience.output_rows``), slots past a row's end read its
@@ -182,12 +186,19 @@ class PackedRows:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def model_inputs(self) -> tuple[Tensor, Tensor]:
-        """The packed sequence and its mask [1, 1, N, N] (True = masked): causal within each row."""
-        n = self.segment.shape[0]
-        index = torch.arange(n, device=self.segment.device)
-        allowed = (self.segment[:, None] == self.segment[None, :]) & (index[None, :] <= index[:, None])
-        return self.tokens, ~allowed[None, None]
+    def model_inputs(self) -> tuple[Tensor, None, PackedSeqParams]:
+        """The packed sequence [1, N], no mask, and megatron's ``PackedSeqParams`` (THD): each row's
+        tokens attend causally to their own row only, and RoPE positions restart at each row."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        lengths = torch.bincount(self.segment, minlength=len(self.rows))
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=self.tokens.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        longest = int(lengths.max())
+        params = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+        )
+        return self.tokens, None, params
 
     def output_positions(self) -> Tensor:
         """The packed positions whose output the per-row math reads (``window``, row by row)."""

@@ -106,11 +106,12 @@ def _resolve(path: str | None, role: str, field: str, tokenizer: dict | None) ->
 
 def _packs(wanted: bool, role: RoleModel) -> bool:
     """Padding-free micro-batches for ``role`` when asked for and its layout allows them: one pipeline
-    stage (stages exchange activations of one fixed sequence length) and a spec that applies the packed
-    block-diagonal mask (sdpa or local; TE would need ``PackedSeqParams``)."""
+    stage (stages exchange activations of one fixed sequence length) and the sdpa spec, whose attention
+    takes megatron's THD ``PackedSeqParams`` (megatron's local attention refuses them; TE takes them, but
+    that path has not run here yet)."""
     from c2f_megatron.models.specs import resolve_layer_spec
 
-    return wanted and role.layout.pp == 1 and resolve_layer_spec(role.model_cfg.layer_spec) != "te"
+    return wanted and role.layout.pp == 1 and resolve_layer_spec(role.model_cfg.layer_spec) == "sdpa"
 
 
 def build_workers(cfg: PPOJobConfig) -> Workers:
