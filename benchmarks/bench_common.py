@@ -70,8 +70,7 @@ def run_before(tree: str, script: str, argv: list[str], timeout: int = 3600) -> 
         env=env,
         capture_output=True,
         text=True,
-        timeout=timeout,
-        cwd="/tmp",
+        timeout=timeout,  # same working directory: relative paths in configs stay valid
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

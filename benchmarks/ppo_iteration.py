@@ -2,10 +2,12 @@
 reward), GAE, PPO update. Synthetic prompts and a programmatic reward by default (no data or RM needed);
 ``--config`` runs any ``c2f coarse-actor`` YAML instead (e.g. with a reward model). ``--before TREE`` runs
 the same iterations with the code of another checkout (``bench_common.run_before``) and prints the time
-ratio and the largest difference of the last iteration's metrics (update statistics, rewards, KL).
+ratio and the largest difference of the last iteration's metrics (update statistics, rewards, KL). The
+SmolLM2 config below comes from ``c2f pipeline examples/pipeline_demo_smollm2.yaml run_dir=runs/demo_fp32
+base.dtype=fp32`` (README's figures add ``length.cm.initial_length=48 data.max_prompt_length=128``).
 
     python benchmarks/ppo_iteration.py --preset mistral-nano                     # CPU, world of 1
-    python benchmarks/ppo_iteration.py --config runs/demo_smollm2/coarse/job.yaml --before /tmp/before
+    python benchmarks/ppo_iteration.py --config runs/demo_fp32/coarse/job.yaml --iterations 3 --before /tmp/before
     torchrun --nproc_per_node=8 benchmarks/ppo_iteration.py --preset mistral-1b --tp 2 --batch 64 --length 512
 """
 
