@@ -347,7 +347,9 @@ def test_a_queued_request_whose_client_left_is_dropped(server):
     before = len(server.output())
     stream = c.completions.create(model="tiny", prompt=PROMPTS[4], temperature=0, max_tokens=240, stream=True)
     next(iter(stream))  # the long batch runs
-    impatient = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=0.2)
+    # shorter than the server's batch wait (100 ms): the request is still queued when its client leaves,
+    # however fast the running batch decodes
+    impatient = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=0.05)
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model="tiny", prompt=PROMPTS[6], temperature=0, max_tokens=8)
     list(stream)
